@@ -1,0 +1,7 @@
+"""``python -m diffcaps``."""
+
+import sys
+
+from diffcaps.cli import main
+
+sys.exit(main())

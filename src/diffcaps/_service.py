@@ -1,0 +1,47 @@
+"""What every service has in common: it can list itself for a metadata row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import attrs
+import torch
+
+__all__ = ["ModuleTypes", "Service"]
+
+
+class Service(Protocol):
+    """A capability's service: plain data plus behaviour, listed in ``metadata()``."""
+
+    def entries(self) -> tuple[str, ...]:
+        """The short names shown in this capability's metadata row."""
+        ...
+
+
+def _as_type_tuple(types: Iterable[type[torch.nn.Module]]) -> tuple[type[torch.nn.Module], ...]:
+    return tuple(types)
+
+
+@attrs.frozen
+class ModuleTypes:
+    """A set of module classes a feature acts on (blocks to keep whole, blocks to compile, …)."""
+
+    types: tuple[type[torch.nn.Module], ...] = attrs.field(converter=_as_type_tuple)
+
+    @types.validator
+    def _check(self, _: attrs.Attribute[tuple[type[torch.nn.Module], ...]], value: tuple[type[torch.nn.Module], ...]) -> None:
+        if not value:
+            raise ValueError("ModuleTypes needs at least one module class")
+        for item in value:
+            candidate: object = item
+            if not (isinstance(candidate, type) and issubclass(candidate, torch.nn.Module)):
+                raise TypeError(f"{item!r} is not a torch.nn.Module subclass")
+
+    def entries(self) -> tuple[str, ...]:
+        """The class names."""
+        return tuple(t.__name__ for t in self.types)
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` is an instance of one of these classes."""
+        return isinstance(module, self.types)

@@ -1,0 +1,100 @@
+"""``Capabilities``: the one place a model declares what it can do.
+
+Each field holds the service for one feature, or ``None`` where the model lacks it. A model
+folder subclasses ``Capabilities``, narrows the fields it supports to their service type
+(with an ``instance_of`` validator, so ``attrs.evolve`` cannot put ``None`` back) and marks
+the subclass ``@final``. Field metadata carries the row description and docs link that
+``Model.metadata()`` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final
+
+import attrs
+
+from diffcaps._service import ModuleTypes, Service
+from diffcaps.cache._service import CacheSupport
+from diffcaps.casting._service import LayerwiseCasting
+from diffcaps.checkpointing._service import GradientCheckpointing
+from diffcaps.ip_adapter._service import IPAdapterSupport
+from diffcaps.lora._service import LoRAService
+from diffcaps.offload._service import GroupOffloading
+from diffcaps.parallel._service import ContextParallelPlan
+from diffcaps.weights._service import WeightMapper
+
+__all__ = ["DOCS_BASE", "Capabilities", "FieldInfo", "capability_fields"]
+
+DOCS_BASE: Final = "README.md"
+"""Where the capability docs links point: sections of the project README."""
+
+
+@attrs.frozen
+class FieldInfo:
+    """The description and docs link of one capability field."""
+
+    description: str
+    docs: str
+
+
+def _about(description: str, anchor: str) -> dict[str, FieldInfo]:
+    return {"diffcaps": FieldInfo(description, f"{DOCS_BASE}#{anchor}")}
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """Every feature a model may declare; ``None`` means the model lacks it."""
+
+    gradient_checkpointing: GradientCheckpointing | None = attrs.field(
+        default=None,
+        metadata=_about("Blocks recomputed in backward instead of storing activations", "gradient-checkpointing"),
+    )
+    group_offloading: GroupOffloading | None = attrs.field(
+        default=None,
+        metadata=_about("Block lists whose weights move to the compute device group by group", "group-offloading"),
+    )
+    no_split_modules: ModuleTypes | None = attrs.field(
+        default=None,
+        metadata=_about("Module classes kept whole on one device when a model is split", "no-split-modules"),
+    )
+    layerwise_casting: LayerwiseCasting | None = attrs.field(
+        default=None,
+        metadata=_about("Module patterns kept in full precision when weights are stored low", "layerwise-casting"),
+    )
+    repeated_blocks: ModuleTypes | None = attrs.field(
+        default=None,
+        metadata=_about("Repeated block classes, compiled once each by regional compile", "regional-compile"),
+    )
+    context_parallel: ContextParallelPlan | None = attrs.field(
+        default=None,
+        metadata=_about("How the sequence is split across ranks and gathered back", "context-parallelism"),
+    )
+    weight_mapping: WeightMapper | None = attrs.field(
+        default=None,
+        metadata=_about("Original single-file checkpoint variants read and written", "single-file-checkpoints"),
+    )
+    lora: LoRAService | None = attrs.field(
+        default=None,
+        metadata=_about("LoRA file formats loaded as peft adapters", "lora"),
+    )
+    cache: CacheSupport | None = attrs.field(
+        default=None,
+        metadata=_about("Inference caches that skip work between denoising steps", "inference-caches"),
+    )
+    ip_adapter: IPAdapterSupport | None = attrs.field(
+        default=None,
+        metadata=_about("IP-Adapter image conditioning, held by the model", "ip-adapter"),
+    )
+
+    def declared(self) -> Iterator[tuple[str, Service]]:
+        """(field name, service) for every feature this model declares, in field order."""
+        for field in attrs.fields(type(self)):
+            value: Any = getattr(self, field.name)
+            if value is not None:
+                yield field.name, value
+
+
+def capability_fields() -> dict[str, FieldInfo]:
+    """Field name → description and docs link, for every capability there is."""
+    return {field.name: field.metadata["diffcaps"] for field in attrs.fields(Capabilities)}

@@ -1,0 +1,42 @@
+"""The built-in demo model: a small Flux config and inputs, no downloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffcaps.models.flux import FluxConfig
+
+__all__ = ["DEMO_CONFIG", "demo_inputs"]
+
+DEMO_CONFIG = FluxConfig(
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=32,
+    in_channels=16,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+)
+"""A FLUX.1-dev-shaped model, 128 wide, with 2 double and 4 single blocks."""
+
+
+def demo_inputs(config: FluxConfig, *, seed: int = 0, side: int = 8, text_tokens: int = 8) -> dict[str, Any]:
+    """Seeded forward arguments for a ``side``×``side`` latent grid and a short prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.randn(1, side * side, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text_tokens, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.75]),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(text_tokens, 3),
+    }
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs

@@ -1,0 +1,84 @@
+"""Exceptions raised by diffcaps.
+
+Every error that is about a file or a key says which one, and what was expected instead.
+All of them derive from :class:`DiffcapsError`, so one ``except`` catches them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from os import PathLike
+
+__all__ = [
+    "CapabilityError",
+    "CheckpointError",
+    "ConfigError",
+    "DiffcapsError",
+    "FormatError",
+    "ShapeError",
+]
+
+
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+    items = sorted(names)
+    shown = ", ".join(items[:limit])
+    more = len(items) - limit
+    return shown + (f", … and {more} more" if more > 0 else "")
+
+
+class DiffcapsError(Exception):
+    """Base class of every error diffcaps raises on purpose."""
+
+
+class ConfigError(DiffcapsError, ValueError):
+    """A model configuration is missing, unreadable, or for another model class."""
+
+
+class CheckpointError(DiffcapsError, ValueError):
+    """A weight file or folder cannot be loaded as asked: wrong format, keys or shapes."""
+
+    def __init__(self, message: str, *, path: str | PathLike[str] | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+    @classmethod
+    def key_mismatch(
+        cls,
+        path: str | PathLike[str],
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+    ) -> CheckpointError:
+        """Build the error for weight keys that are missing from, or extra in, a checkpoint."""
+        missing, unexpected = sorted(missing), sorted(unexpected)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        error = cls("; ".join(parts), path=path)
+        error.missing, error.unexpected = tuple(missing), tuple(unexpected)
+        return error
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+
+
+class ShapeError(CheckpointError):
+    """A tensor in a file does not have the shape the model expects."""
+
+
+class FormatError(DiffcapsError, ValueError):
+    """A file is in none of the formats a service knows."""
+
+
+class CapabilityError(DiffcapsError, TypeError):
+    """A feature function was called on a model that does not declare the feature."""
+
+    def __init__(self, model_class: str, feature: str) -> None:
+        self.model_class = model_class
+        self.feature = feature
+        super().__init__(
+            f"{model_class} does not support {feature!r}: its capabilities declare no "
+            f"{feature} service (see {model_class}.metadata())"
+        )

@@ -1,0 +1,95 @@
+"""Fill a model built on the meta device straight from weight files, one tensor at a time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from diffcaps.errors import CheckpointError, ShapeError
+from diffcaps.io._folder import WeightSource
+from diffcaps.io._safetensors import SafetensorsReader
+
+__all__ = ["assign_tensor", "expected_tensors", "load_weights", "on_meta_device"]
+
+
+@contextlib.contextmanager
+def on_meta_device() -> Iterator[None]:
+    """Build modules without allocating or initialising their parameters."""
+    with torch.device("meta"):
+        yield
+
+
+def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every parameter and persistent buffer the model saves."""
+    return {key: (tuple(t.shape), t.dtype) for key, t in model.state_dict(keep_vars=True).items()}
+
+
+def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Replace the parameter or buffer called ``key`` with ``tensor`` (no copy)."""
+    owner_path, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    if name in owner._parameters:
+        old = owner._parameters[name]
+        requires_grad = old.requires_grad if old is not None else True
+        owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = tensor
+    else:
+        raise KeyError(key)
+
+
+def _target_dtype(stored: torch.dtype, model_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if not (stored.is_floating_point and model_dtype.is_floating_point):
+        return model_dtype
+    return requested if requested is not None else model_dtype
+
+
+def load_weights(
+    model: torch.nn.Module,
+    source: WeightSource,
+    *,
+    torch_dtype: torch.dtype | None,
+    device: str | torch.device,
+    rename: Callable[[str], str] | None = None,
+) -> None:
+    """Check a source against the model (names, then shapes), then load every tensor into it.
+
+    Nothing is read before the checks pass, so a bad file leaves the model untouched.
+    """
+    expected = expected_tensors(model)
+    located: Mapping[str, str] = {rename(k) if rename else k: k for k in source.entries}
+    where = ", ".join(str(p) for p in source.files)
+    missing = expected.keys() - located.keys()
+    unexpected = located.keys() - expected.keys()
+    if missing or unexpected:
+        raise CheckpointError.key_mismatch(
+            where, missing=missing, unexpected=[located[k] for k in unexpected]
+        )
+    for name, (shape, _) in expected.items():
+        file, info = source.entries[located[name]]
+        if info.shape != shape:
+            raise ShapeError(
+                f"tensor {located[name]!r} has shape {list(info.shape)}, "
+                f"the model expects {list(shape)} for {name!r}",
+                path=file,
+            )
+    by_file_key = {file_key: name for name, file_key in located.items()}
+    for path, keys in source.by_file():
+        for file_key, tensor in _read(path, keys, device=device, pickled=source.pickled):
+            name = by_file_key[file_key]
+            target = _target_dtype(tensor.dtype, expected[name][1], torch_dtype)
+            assign_tensor(model, name, tensor.to(device=device, dtype=target))
+
+
+def _read(path: Path, keys: list[str], *, device: str | torch.device, pickled: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    if pickled:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key in keys:
+            yield key, state[key]
+        return
+    with SafetensorsReader(path, device=device) as reader:
+        for key in keys:
+            yield key, reader.get(key)

@@ -1,0 +1,84 @@
+"""Flux attention: per-stream projections, RMS-normed queries and keys, RoPE, joint SDPA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffcaps.models.flux._embeddings import apply_rope
+
+__all__ = ["FluxAttention", "attend"]
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """Scaled dot-product attention on [batch, seq, heads, head_dim] tensors."""
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class FluxAttention(nn.Module):
+    """Attention of a double block (``joint=True``: a second, text stream) or a single block."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.joint = joint
+        if joint:
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.reshape(*x.shape[:-1], -1, self.head_dim)
+
+    def _qkv(self, x: Tensor, q: nn.Module, k: nn.Module, v: nn.Module,
+             norm_q: nn.Module, norm_k: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        query: Tensor = norm_q(self._heads(q(x)))
+        key: Tensor = norm_k(self._heads(k(x)))
+        value = self._heads(v(x))
+        return query, key, value
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+        **_: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend over ``[text; image]`` tokens; a joint block returns (image, text) outputs."""
+        query, key, value = self._qkv(hidden_states, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        text_len = 0
+        if encoder_hidden_states is not None and self.joint:
+            text_len = encoder_hidden_states.shape[1]
+            t_query, t_key, t_value = self._qkv(
+                encoder_hidden_states, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                self.norm_added_q, self.norm_added_k,
+            )
+            query = torch.cat([t_query, query], dim=1)
+            key = torch.cat([t_key, key], dim=1)
+            value = torch.cat([t_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rope(query, image_rotary_emb)
+            key = apply_rope(key, image_rotary_emb)
+        out = attend(query, key, value).flatten(2, 3).to(query.dtype)
+        if not text_len:
+            return out
+        text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        image: Tensor = self.to_out[1](self.to_out[0](image_out.contiguous()))
+        text: Tensor = self.to_add_out(text_out.contiguous())
+        return image, text
+

@@ -1,0 +1,144 @@
+"""``FluxTransformer2DModel``: the Flux denoiser, with the state-dict names diffusers uses."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, final, overload
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from diffcaps._service import ModuleTypes
+from diffcaps.capabilities import Capabilities
+from diffcaps.config import ModelConfig
+from diffcaps.model import Model
+from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffcaps.models.flux._config import FluxConfig
+from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
+from diffcaps.models.flux._norms import AdaLayerNormContinuous
+
+__all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
+
+FLUX_BLOCKS = ModuleTypes((FluxTransformerBlock, FluxSingleTransformerBlock))
+
+
+@final
+@attrs.frozen(kw_only=True)
+class FluxCapabilities(Capabilities):
+    """What Flux declares today."""
+
+    no_split_modules: ModuleTypes = attrs.field(
+        default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
+    )
+    repeated_blocks: ModuleTypes = attrs.field(
+        default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
+    )
+
+
+@attrs.frozen
+class FluxOutput:
+    """The model's output: ``sample`` has the input's shape with ``out_channels`` features."""
+
+    sample: Tensor
+
+
+def _residual_index(index: int, count: int, samples: int, repeat: bool) -> int:
+    if repeat:
+        return index % samples
+    return index // math.ceil(count / samples)
+
+
+@final
+class FluxTransformer2DModel(Model[FluxConfig]):
+    """The Flux transformer: 2-D RoPE, double-stream then single-stream blocks, AdaLN output."""
+
+    config_class: ClassVar[type[ModelConfig]] = FluxConfig
+    capabilities: ClassVar[FluxCapabilities] = FluxCapabilities()
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__(config)
+        dim = config.inner_dim
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        self.out_channels = config.output_channels
+        self.inner_dim = dim
+        self.pos_embed = FluxPosEmbed(config.axes_dims_rope)
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, guidance=config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            FluxTransformerBlock(dim, heads, head_dim) for _ in range(config.num_layers)
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)
+        )
+        self.norm_out = AdaLayerNormContinuous(dim)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * self.out_channels)
+
+    @overload
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None,
+                joint_attention_kwargs: dict[str, Any] | None = None,
+                controlnet_block_samples: list[Tensor] | None = None,
+                controlnet_single_block_samples: list[Tensor] | None = None,
+                return_dict: Literal[True] = True, controlnet_blocks_repeat: bool = False) -> FluxOutput: ...
+
+    @overload
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None,
+                joint_attention_kwargs: dict[str, Any] | None = None,
+                controlnet_block_samples: list[Tensor] | None = None,
+                controlnet_single_block_samples: list[Tensor] | None = None,
+                *, return_dict: Literal[False], controlnet_blocks_repeat: bool = False) -> tuple[Tensor]: ...
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples: list[Tensor] | None = None,
+        controlnet_single_block_samples: list[Tensor] | None = None,
+        return_dict: bool = True,
+        controlnet_blocks_repeat: bool = False,
+    ) -> FluxOutput | tuple[Tensor]:
+        """Predict the flow for packed latents ``hidden_states`` [batch, image_tokens, in_channels].
+
+        ``timestep`` and ``guidance`` are in [0, 1] and scaled by 1000 here; ``img_ids`` and
+        ``txt_ids`` are 2-D [tokens, 3] position ids (a leading batch dim is dropped).
+        """
+        hidden_states = self.x_embedder(hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(hidden_states.dtype) * 1000
+        temb: Tensor = self.time_text_embed(timestep, guidance, pooled_projections)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary: tuple[Tensor, Tensor] = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+        double_count = len(self.transformer_blocks)
+        for index, block in enumerate(self.transformer_blocks):
+            encoder_hidden_states, hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, rotary, joint_attention_kwargs
+            )
+            if controlnet_block_samples:
+                at = _residual_index(index, double_count, len(controlnet_block_samples), controlnet_blocks_repeat)
+                hidden_states = hidden_states + controlnet_block_samples[at]
+
+        single_count = len(self.single_transformer_blocks)
+        for index, block in enumerate(self.single_transformer_blocks):
+            encoder_hidden_states, hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, rotary, joint_attention_kwargs
+            )
+            if controlnet_single_block_samples:
+                at = _residual_index(index, single_count, len(controlnet_single_block_samples), False)
+                hidden_states = hidden_states + controlnet_single_block_samples[at]
+
+        output: Tensor = self.proj_out(self.norm_out(hidden_states, temb))
+        return FluxOutput(sample=output) if return_dict else (output,)
