@@ -88,8 +88,12 @@ class Capabilities:
     )
 
     def declared(self) -> Iterator[tuple[str, Service]]:
-        """(field name, service) for every feature this model declares, in field order."""
-        for field in attrs.fields(type(self)):
+        """(field name, service) for every feature this model declares, in the base's field order.
+
+        (A subclass that narrows a field moves it to the end of its own attrs field list;
+        the order shown stays the same for every model.)
+        """
+        for field in attrs.fields(Capabilities):
             value: Any = getattr(self, field.name)
             if value is not None:
                 yield field.name, value
