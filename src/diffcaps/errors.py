@@ -10,11 +10,14 @@ from collections.abc import Iterable
 from os import PathLike
 
 __all__ = [
+    "CacheError",
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
+    "ContextError",
     "DiffcapsError",
     "FormatError",
+    "HookError",
     "ShapeError",
 ]
 
@@ -82,3 +85,15 @@ class CapabilityError(DiffcapsError, TypeError):
             f"{model_class} does not support {feature!r}: its capabilities declare no "
             f"{feature} service (see {model_class}.metadata())"
         )
+
+
+class HookError(DiffcapsError, ValueError):
+    """A forward hook cannot be added or removed as asked (name taken, name unknown, forward replaced)."""
+
+
+class ContextError(DiffcapsError, RuntimeError):
+    """A stateful hook ran outside a named state context where it needs one."""
+
+
+class CacheError(DiffcapsError, ValueError):
+    """An inference cache config is invalid or does not fit the model, or a cache is already enabled."""
