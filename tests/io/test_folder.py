@@ -214,3 +214,27 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path: Path) -> None:
 
 def test_errors_share_one_base() -> None:
     assert issubclass(CheckpointError, DiffcapsError) and issubclass(ConfigError, DiffcapsError)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_saving_over_the_loaded_folder_leaves_the_loaded_model_intact(tmp_path: Path, dtype: torch.dtype | None) -> None:
+    save_tiny_folder(tmp_path, seed=1)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=dtype)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    seeded_model(TINY, seed=2).save_pretrained(tmp_path)  # same file names, other weights
+    seeded_model(TINY, seed=3).save_pretrained(tmp_path, max_shard_size=20_000)  # now sharded
+    assert not (tmp_path / WEIGHTS_NAME).exists()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    again = FluxTransformer2DModel.from_pretrained(tmp_path)
+    assert torch.equal(again.proj_out.weight, seeded_model(TINY, seed=3).proj_out.weight)
+
+
+def test_in_place_updates_never_reach_the_file(tmp_path: Path) -> None:
+    model = save_tiny_folder(tmp_path)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)
+    fresh = FluxTransformer2DModel.from_pretrained(tmp_path)
+    _assert_same_state(fresh, model)

@@ -130,7 +130,7 @@ def find_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:
 
 def _pickle_source(path: Path) -> WeightSource:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds here; the message says which
         raise CheckpointError(f"cannot read the pickle with weights_only=True ({exc})", path=path) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -175,22 +175,29 @@ def _shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[
 
 
 def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_size: int | str) -> list[Path]:
-    """Write a state dict as one safetensors file, or as shards plus an index when it is larger."""
+    """Write a state dict as one safetensors file, or as shards plus an index when it is larger.
+
+    Weight files from an earlier save that the new layout does not use are removed last,
+    once everything new is in place.
+    """
     shards = _shard_plan(state, parse_size(max_shard_size))
-    for stale in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    previous = {folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")}
+    written: list[Path] = []
     if len(shards) == 1:
         save_safetensors(state, folder / WEIGHTS_NAME)
-        return [folder / WEIGHTS_NAME]
-    written: list[Path] = []
-    weight_map: dict[str, str] = {}
-    stem = WEIGHTS_NAME.removesuffix(".safetensors")
-    for number, keys in enumerate(shards, start=1):
-        name = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors({key: state[key] for key in keys}, folder / name)
-        weight_map.update(dict.fromkeys(keys, name))
-        written.append(folder / name)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(folder / WEIGHTS_NAME)
+    else:
+        weight_map: dict[str, str] = {}
+        stem = WEIGHTS_NAME.removesuffix(".safetensors")
+        for number, keys in enumerate(shards, start=1):
+            name = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors({key: state[key] for key in keys}, folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+            written.append(folder / name)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(folder / INDEX_NAME)
+    for stale in previous - set(written):
+        stale.unlink(missing_ok=True)
     return written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import torch
 
@@ -78,18 +77,15 @@ def load_weights(
             )
     by_file_key = {file_key: name for name, file_key in located.items()}
     for path, keys in source.by_file():
-        for file_key, tensor in _read(path, keys, device=device, pickled=source.pickled):
-            name = by_file_key[file_key]
-            target = _target_dtype(tensor.dtype, expected[name][1], torch_dtype)
-            assign_tensor(model, name, tensor.to(device=device, dtype=target))
-
-
-def _read(path: Path, keys: list[str], *, device: str | torch.device, pickled: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    if pickled:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        for key in keys:
-            yield key, state[key]
-        return
-    with SafetensorsReader(path, device=device) as reader:
-        for key in keys:
-            yield key, reader.get(key)
+        if source.pickled:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for file_key in keys:
+                name = by_file_key[file_key]
+                target = _target_dtype(state[file_key].dtype, expected[name][1], torch_dtype)
+                assign_tensor(model, name, state.pop(file_key).to(device=device, dtype=target))
+            continue
+        with SafetensorsReader(path, device=device) as reader:
+            for file_key in keys:
+                name = by_file_key[file_key]
+                target = _target_dtype(source.entries[file_key][1].dtype, expected[name][1], torch_dtype)
+                assign_tensor(model, name, reader.get(file_key, target))

@@ -2,19 +2,20 @@
 
 The header is parsed here, so that a file can be described (keys, shapes, dtypes) without
 reading a tensor, and so that a truncated or foreign file is named as such before
-``safetensors`` itself sees it. Tensors are read through ``safetensors.safe_open``, which
-memory-maps the file: each ``get`` copies one tensor out of the page cache.
+``safetensors`` sees it. Writes go to a temporary file that replaces the target atomically,
+so a model memory-mapped from a file survives being saved over that same file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import attrs
 import torch
@@ -125,17 +126,22 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
 
 
 class SafetensorsReader:
-    """An open safetensors file: its header, and tensors read one at a time."""
+    """An open safetensors file: its header, and tensors read one at a time.
+
+    ``get(key)`` returns a tensor backed by a private, copy-on-write memory map of the file:
+    nothing is copied until a page is written to, so loading is as fast as the page cache.
+    ``get(key, dtype=...)`` with another dtype reads the stored bytes into a reused staging
+    buffer and casts from there, so a cast load never holds the file's pages and the
+    process's peak memory stays near the size of the cast weights.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> None:
-        from safetensors import safe_open
-
         self.header = read_header(path)
         self.path = self.header.path
-        try:
-            self._handle: Any = safe_open(str(self.path), framework="pt", device=str(device))
-        except Exception as exc:  # safetensors raises its own untyped errors
-            raise _not_safetensors(self.path, str(exc)) from None
+        self.device = torch.device(device)
+        self._mapped: Any = None
+        self._file: BinaryIO | None = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -149,8 +155,12 @@ class SafetensorsReader:
         self.close()
 
     def close(self) -> None:
-        """Release the memory map."""
-        self._handle = None
+        """Close the file; tensors already returned stay valid."""
+        self._mapped = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     def keys(self) -> list[str]:
         """Tensor names in the file, in header order."""
@@ -166,12 +176,36 @@ class SafetensorsReader:
         """Dtype and shape of one tensor, from the header."""
         return self.header.tensors[key]
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor."""
-        if self._handle is None:
-            raise CheckpointError("the file was closed before reading", path=self.path)
-        tensor: torch.Tensor = self._handle.get_tensor(key)
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor on ``device``, cast to ``dtype`` when given."""
+        info = self.header.tensors[key]
+        if dtype is None or dtype == info.dtype:
+            return self._mapped_tensor(key).to(self.device)
+        return self._staged_tensor(key, info).to(device=self.device, dtype=dtype)
+
+    def _mapped_tensor(self, key: str) -> torch.Tensor:
+        if self._mapped is None:
+            from safetensors import safe_open
+
+            try:
+                self._mapped = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own untyped errors
+                raise _not_safetensors(self.path, str(exc)) from None
+        tensor: torch.Tensor = self._mapped.get_tensor(key)
         return tensor
+
+    def _staged_tensor(self, key: str, info: TensorInfo) -> torch.Tensor:
+        if self._file is None:
+            self._file = self.path.open("rb", buffering=0)
+        if self._staging.numel() < info.nbytes:
+            self._staging = torch.empty(info.nbytes, dtype=torch.uint8)
+        staged = self._staging[: info.nbytes]
+        if info.nbytes:
+            target = (ctypes.c_char * info.nbytes).from_address(staged.data_ptr())
+            self._file.seek(self.header.data_start + info.start)
+            if self._file.readinto(target) != info.nbytes:
+                raise CheckpointError(f"truncated while reading tensor {key!r}", path=self.path)
+        return staged.view(info.dtype).reshape(info.shape)
 
 
 def save_safetensors(
@@ -180,8 +214,14 @@ def save_safetensors(
     *,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write tensors to a safetensors file (contiguous copies are made only where needed)."""
+    """Write tensors to a safetensors file, atomically (a temporary file, then a rename)."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     contiguous = {key: t.detach().contiguous() for key, t in tensors.items()}
-    save_file(contiguous, str(path), metadata=dict(metadata or {"format": "pt"}))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(contiguous, str(partial), metadata=dict(metadata or {"format": "pt"}))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

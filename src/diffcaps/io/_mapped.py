@@ -1,0 +1,104 @@
+"""Zero-copy, memory-mapped access to the tensors of a safetensors file.
+
+``MappedSafetensors.view(key)`` returns a tensor that points straight into the mapped file:
+nothing is read until its bytes are touched, and the caller copies (and casts) what it
+keeps. ``release(key)`` then drops that tensor's pages from this process's resident set,
+so that reading a whole file one tensor at a time never holds more than one tensor's pages
+besides what the caller keeps. The page cache still holds them for the next reader.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from diffcaps.errors import CheckpointError
+from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header
+
+__all__ = ["MappedSafetensors"]
+
+_PAGE = mmap.PAGESIZE
+_CAN_ADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap, "MADV_WILLNEED")
+
+
+class MappedSafetensors:
+    """A safetensors file mapped read-only (copy-on-write, never written back)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, header: SafetensorsHeader | None = None) -> None:
+        self.header = header if header is not None else read_header(path)
+        self.path = Path(path)
+        if sys.byteorder != "little":
+            raise CheckpointError("safetensors data is little-endian; this machine is not", path=self.path)
+        self._file = self.path.open("rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map: mmap.mmap | None = (
+            mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        )
+
+    def __enter__(self) -> MappedSafetensors:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file. Views still alive keep the mapping until they are freed."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still referenced; the map goes when it does
+                pass
+            self._map = None
+        self._file.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and byte range of one tensor, from the header."""
+        return self.header.tensors[key]
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as a view into the mapped file: no bytes are read yet.
+
+        Copy what you keep (``.to(..., copy=True)``): the view is only valid while the file
+        is open, and its memory belongs to the mapping.
+        """
+        info = self.header.tensors[key]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._map is None:
+            raise CheckpointError("the file was closed before reading", path=self.path)
+        start = self.header.data_start + info.start
+        if _CAN_ADVISE:
+            self._map.madvise(mmap.MADV_WILLNEED, *_pages(start, info.nbytes))
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=start)
+        if start % info.dtype.itemsize:  # a writer that did not align: copy once to realign
+            raw = raw.clone()
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def release(self, key: str) -> None:
+        """Drop the pages of ``key`` from this process's memory (they stay in the page cache)."""
+        info = self.header.tensors[key]
+        if self._map is None or info.nbytes == 0 or not _CAN_ADVISE:
+            return
+        self._map.madvise(mmap.MADV_DONTNEED, *_pages(self.header.data_start + info.start, info.nbytes))
+
+
+def _pages(start: int, length: int) -> tuple[int, int]:
+    first = start - start % _PAGE
+    return first, start + length - first

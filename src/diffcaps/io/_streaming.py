@@ -1,0 +1,162 @@
+"""Write safetensors files one tensor at a time, so a conversion never holds all the weights.
+
+The header is computed up front from each tensor's name, dtype and shape (a ``TensorSlot``);
+tensors are then produced in that order and written as they come. Files are written to a
+temporary name beside the target and renamed when complete, so a failure leaves nothing
+half-written under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import attrs
+import torch
+
+from diffcaps.io._folder import INDEX_NAME, WEIGHTS_NAME, parse_size
+from diffcaps.io._safetensors import DTYPES
+
+__all__ = ["TensorSlot", "plan_shards", "write_safetensors_stream", "write_shard_index", "write_sharded_stream"]
+
+_DTYPE_NAMES: Final[Mapping[torch.dtype, str]] = {dtype: name for name, dtype in DTYPES.items()}
+_ALIGN: Final = 8
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes just written."""
+
+
+@attrs.frozen
+class TensorSlot:
+    """One tensor of a file still to be written: its name, dtype and shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def _header_bytes(slots: Sequence[TensorSlot], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for slot in slots:
+        if slot.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"safetensors cannot store {slot.dtype} (tensor {slot.key!r})")
+        header[slot.key] = {
+            "dtype": _DTYPE_NAMES[slot.dtype],
+            "shape": list(slot.shape),
+            "data_offsets": [offset, offset + slot.nbytes],
+        }
+        offset += slot.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % _ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_tensor(handle: BinaryIO, slot: TensorSlot, tensor: torch.Tensor) -> None:
+    if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+        raise ValueError(
+            f"tensor {slot.key!r} arrived as {tensor.dtype} {list(tensor.shape)}, "
+            f"the header says {slot.dtype} {list(slot.shape)}"
+        )
+    if slot.nbytes:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        handle.write(memoryview(data.numpy()))
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def write_safetensors_stream(
+    path: str | os.PathLike[str],
+    slots: Sequence[TensorSlot],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``tensors`` (in ``slots`` order, names and shapes checked) as one safetensors file."""
+    return write_sharded_stream([(Path(path), slots)], tensors, metadata=metadata, progress=progress)[0]
+
+
+def write_sharded_stream(
+    files: Sequence[tuple[Path, Sequence[TensorSlot]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Write one stream of tensors across several files, each holding its slots in order."""
+    stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
+    temporaries = [_temporary(path) for path, _ in files]
+    try:
+        with ExitStack() as stack:
+            for (path, slots), temporary in zip(files, temporaries, strict=True):
+                handle = stack.enter_context(temporary.open("wb"))
+                handle.write(_header_bytes(slots, metadata))
+                for slot in slots:
+                    key, tensor = next(stream, (None, None))
+                    if key is None or tensor is None:
+                        raise ValueError(f"the tensor stream ended before {slot.key!r}")
+                    if key != slot.key:
+                        raise ValueError(f"expected tensor {slot.key!r} next, got {key!r}")
+                    _write_tensor(handle, slot, tensor)
+                    del tensor
+                    if progress is not None:
+                        progress(slot.nbytes)
+        leftover = next(stream, None)
+        if leftover is not None:
+            raise ValueError(f"tensor {leftover[0]!r} has no slot in the files being written")
+        for (path, _), temporary in zip(files, temporaries, strict=True):
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+    return [path for path, _ in files]
+
+
+def plan_shards(
+    folder: Path, slots: Sequence[TensorSlot], *, max_shard_size: int | str
+) -> tuple[list[tuple[Path, list[TensorSlot]]], Path | None]:
+    """Split slots into diffusers-named shards of at most ``max_shard_size`` bytes each.
+
+    Returns the files to write and, when there is more than one, the index path to write
+    with :func:`write_shard_index`.
+    """
+    limit = parse_size(max_shard_size)
+    groups: list[list[TensorSlot]] = [[]]
+    used = 0
+    for slot in slots:
+        if groups[-1] and used + slot.nbytes > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(slot)
+        used += slot.nbytes
+    if len(groups) == 1:
+        return [(folder / WEIGHTS_NAME, groups[0])], None
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    files = [
+        (folder / f"{stem}-{number:05d}-of-{len(groups):05d}.safetensors", group)
+        for number, group in enumerate(groups, start=1)
+    ]
+    return files, folder / INDEX_NAME
+
+
+def write_shard_index(index: Path, files: Sequence[tuple[Path, Sequence[TensorSlot]]]) -> None:
+    """Write the diffusers shard index that names each tensor's shard."""
+    weight_map = {slot.key: path.name for path, slots in files for slot in slots}
+    total = sum(slot.nbytes for _, slots in files for slot in slots)
+    payload = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
