@@ -9,13 +9,14 @@ so a model memory-mapped from a file survives being saved over that same file.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import attrs
 import torch
@@ -140,7 +141,7 @@ class SafetensorsReader:
         self.path = self.header.path
         self.device = torch.device(device)
         self._mapped: Any = None
-        self._file: BinaryIO | None = None
+        self._file: io.FileIO | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> SafetensorsReader:
