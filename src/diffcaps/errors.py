@@ -97,3 +97,18 @@ class ContextError(DiffcapsError, RuntimeError):
 
 class CacheError(DiffcapsError, ValueError):
     """An inference cache config is invalid or does not fit the model, or a cache is already enabled."""
+
+
+class LoRAError(DiffcapsError, ValueError):
+    """A LoRA call that the model's adapter state does not allow (unknown name, fused, …)."""
+
+
+__all__ += ["LoRAError"]
+
+
+class CastingError(DiffcapsError, ValueError):
+    """Layerwise casting cannot be enabled as asked (dtype, patterns, already enabled)."""
+
+
+class OffloadError(DiffcapsError, ValueError):
+    """Group offloading cannot be enabled or disabled as asked."""

@@ -8,18 +8,20 @@ which raises :class:`~diffcaps.errors.CapabilityError` naming the model class an
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
-from diffcaps._service import ModuleTypes
-from diffcaps.cache._service import CacheSupport
-from diffcaps.casting._service import LayerwiseCasting
-from diffcaps.checkpointing._service import GradientCheckpointing
-from diffcaps.ip_adapter._service import IPAdapterSupport
-from diffcaps.lora._service import LoRAService
-from diffcaps.offload._service import GroupOffloading
-from diffcaps.parallel._service import ContextParallelPlan
-from diffcaps.weights._service import WeightMapper
 from diffcaps.errors import CapabilityError
+
+if TYPE_CHECKING:  # only annotations use them: feature packages import this module
+    from diffcaps._service import ModuleTypes
+    from diffcaps.cache._service import CacheSupport
+    from diffcaps.casting._service import LayerwiseCasting
+    from diffcaps.checkpointing._service import GradientCheckpointing
+    from diffcaps.ip_adapter._service import IPAdapterSupport
+    from diffcaps.lora._service import LoRAService
+    from diffcaps.offload._service import GroupOffloading
+    from diffcaps.parallel._service import ContextParallelPlan
+    from diffcaps.weights._service import WeightMapper
 
 __all__ = [
     "HasCache",
