@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 HOOK_NAME: Final = "layerwise_casting"
+_ABSENT: Final = object()
 
 CASTABLE_LAYERS: Final = (
     nn.Linear,
@@ -45,16 +46,25 @@ class CastHook(Hook):
         self.storage_dtype = storage_dtype
         self.compute_dtype = compute_dtype
         self.stored: dict[str, torch.Tensor] = {}
+        self.previous_compute_dtype: object = _ABSENT
 
     def attach(self, module: nn.Module) -> None:
         for name, param in module.named_parameters(recurse=False):
             self.stored[name] = param.data.to(self.storage_dtype)
             param.data = self.stored[name]
+        # peft creates adapters in a base layer's ``compute_dtype`` when it has one (as for
+        # bitsandbytes layers), so adapters added later are not created in the storage dtype.
+        self.previous_compute_dtype = module.__dict__.get("compute_dtype", _ABSENT)
+        module.__dict__["compute_dtype"] = self.compute_dtype
 
     def detach(self, module: nn.Module) -> None:
         for name, param in module.named_parameters(recurse=False):
             param.data = self.stored[name].to(self.compute_dtype)
         self.stored.clear()
+        if self.previous_compute_dtype is _ABSENT:
+            del module.__dict__["compute_dtype"]
+        else:
+            module.__dict__["compute_dtype"] = self.previous_compute_dtype
 
     def pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         for name, param in module.named_parameters(recurse=False):
@@ -109,13 +119,13 @@ def enable_layerwise_casting(
     service = require(model, "layerwise_casting", LayerwiseCasting)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if any(HOOK_NAME in hook_names(module) for _, module in hooked_modules(model)):
+        raise CastingError(f"layerwise casting is already enabled on this {type(model).__name__}; disable it first")
     storage = _check_dtype(storage_dtype, "storage_dtype")
     first = next(model.parameters(), None)
     compute = _check_dtype(compute_dtype if compute_dtype is not None else (first.dtype if first is not None else torch.float32), "compute_dtype")
     if storage == compute:
         raise CastingError(f"storage_dtype and compute_dtype are both {storage}: nothing would be saved")
-    if any(HOOK_NAME in hook_names(module) for _, module in hooked_modules(model)):
-        raise CastingError(f"layerwise casting is already enabled on this {type(model).__name__}; disable it first")
     patterns = tuple(skip_patterns) if skip_patterns is not None else service.skip_patterns + GENERIC_SKIP_PATTERNS
     for pattern in patterns:
         try:

@@ -1,0 +1,145 @@
+"""Group offloading on CPU: block and leaf level, in memory and on disk; outputs identical."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffcaps.errors import CapabilityError, OffloadError
+from diffcaps.models.flux import FluxTransformer2DModel
+from diffcaps.offload import disable_group_offloading, enable_group_offloading, offload_state
+from tests.flux_fixtures import TINY, flux_inputs, seeded_model
+
+
+def _out(model: torch.nn.Module, **extra: Any) -> torch.Tensor:
+    with torch.no_grad():
+        result: torch.Tensor = model(**flux_inputs(TINY, batch=2), **extra).sample
+    return result
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _resident(module: torch.nn.Module) -> bool:
+    return all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize(("offload_type", "per_group"), [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_outputs_identical_and_disable_restores(tmp_path: Path, offload_type: Any, per_group: int, to_disk: bool) -> None:
+    model = seeded_model(TINY)
+    expected, before = _out(model), _state(model)
+    state = enable_group_offloading(
+        model, onload_device="cpu", offload_type=offload_type, num_blocks_per_group=per_group,
+        offload_to_disk_path=tmp_path / "groups" if to_disk else None,
+    )
+    if offload_type == "block_level":
+        assert len(state.groups) == 2 * (2 // per_group)
+    else:
+        assert len(state.groups) == len([m for m in model.modules() if list(m.parameters(recurse=False))])
+    assert torch.equal(_out(model), expected)
+    assert torch.equal(_out(model), expected)  # a second pass after every group went back
+    assert all(g.moves == 2 for g in state.groups) and not any(g.onloaded for g in state.groups)
+    if to_disk:
+        assert len(list((tmp_path / "groups").glob("*.safetensors"))) == len(state.groups)
+        assert not _resident(model.transformer_blocks[0])  # weights live in the files between uses
+    disable_group_offloading(model)
+    assert offload_state(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not list((tmp_path / "groups").glob("*.safetensors")) if to_disk else True
+
+
+def test_only_the_running_group_is_onloaded(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path)
+    seen: list[tuple[bool, ...]] = []
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def probe(module: torch.nn.Module, args: Any, output: Any) -> None:
+        seen.append(tuple(_resident(b) for b in blocks))
+
+    for block in blocks:
+        block.attn.register_forward_hook(probe)
+    _out(model)
+    assert seen == [tuple(i == j for j in range(4)) for i in range(4)]
+
+
+def test_lora_before_and_after_offloading(tmp_path: Path) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "proj_out"], init_lora_weights=False), model)
+        return model
+
+    reference = seeded_model(TINY)
+    torch.manual_seed(0)
+    with_lora(reference)
+    expected = _out(reference)
+    for when in ("before", "after"):
+        model = seeded_model(TINY)
+        if when == "before":
+            torch.manual_seed(0)
+            with_lora(model)
+        enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path / when)
+        if when == "after":
+            torch.manual_seed(0)
+            with_lora(model)
+        assert torch.equal(_out(model), expected), when
+        disable_group_offloading(model)
+        assert torch.equal(_out(model), expected), when
+
+
+def test_bad_input_leaves_model_untouched(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    before = _state(model)
+    with pytest.raises(OffloadError, match="num_blocks_per_group must be an integer >= 1, got 0"):
+        enable_group_offloading(model, onload_device="cpu", num_blocks_per_group=0)
+    with pytest.raises(OffloadError, match="offload_type"):
+        enable_group_offloading(model, onload_device="cpu", offload_type="block")  # type: ignore[arg-type]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OffloadError, match="not a writable folder"):
+        enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=blocker / "sub")
+    if os.geteuid() != 0:  # root can write anywhere
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+        with pytest.raises(OffloadError, match="not a writable folder"):
+            enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=read_only)
+    with pytest.raises(OffloadError, match="use_stream=True needs CUDA"):
+        enable_group_offloading(model, onload_device="cpu", use_stream=True)
+    assert offload_state(model) is None and all("forward" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    enable_group_offloading(model, onload_device="cpu")
+    with pytest.raises(OffloadError, match="already enabled"):
+        enable_group_offloading(model, onload_device="cpu")
+    disable_group_offloading(model)
+    with pytest.raises(OffloadError, match="not enabled"):
+        disable_group_offloading(model)
+
+
+def test_model_without_the_capability() -> None:
+    with pytest.raises(CapabilityError, match="group_offloading"):
+        enable_group_offloading(torch.nn.Linear(2, 2), onload_device="cpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+@pytest.mark.parametrize("use_stream", [False, True])
+def test_cuda_onload_with_and_without_streams(use_stream: bool) -> None:
+    model = seeded_model(TINY)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(TINY, batch=2).items()}
+    with torch.no_grad():
+        expected = model.cuda()(**inputs).sample
+    model.cpu()
+    enable_group_offloading(model, onload_device="cuda", use_stream=use_stream)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        got = model(**inputs).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    disable_group_offloading(model)
+    assert all(p.device.type == "cpu" for p in model.parameters())
