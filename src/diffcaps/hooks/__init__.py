@@ -1,0 +1,35 @@
+"""Generic, removable hooks around ``nn.Module.forward``, with per-context state.
+
+Any feature that needs to act inside a model's forward (inference caches, offloading,
+layerwise casting, context parallelism) builds on this module and names no model class:
+
+- :class:`Hook` — override ``pre_forward``, ``new_forward`` (replace the call), ``post_forward``,
+  ``reset``; :func:`add_hook` / :func:`remove_hook` attach and detach it by name. Removing the
+  last hook of a module restores its ``forward`` exactly.
+- :class:`StateContext` / :class:`ContextualState` — state kept per named context, so that a
+  "cond" and an "uncond" pass through the same hooks do not mix.
+"""
+
+from diffcaps.hooks._hook import Forward as Forward, Hook as Hook
+from diffcaps.hooks._registry import (
+    add_hook as add_hook,
+    get_hook as get_hook,
+    hook_names as hook_names,
+    hooked_modules as hooked_modules,
+    remove_hook as remove_hook,
+    reset_hooks as reset_hooks,
+)
+from diffcaps.hooks._state import ContextualState as ContextualState, StateContext as StateContext
+
+__all__ = [
+    "ContextualState",
+    "Forward",
+    "Hook",
+    "StateContext",
+    "add_hook",
+    "get_hook",
+    "hook_names",
+    "hooked_modules",
+    "remove_hook",
+    "reset_hooks",
+]

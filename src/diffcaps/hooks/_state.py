@@ -1,0 +1,94 @@
+"""Named state contexts: a "cond" and an "uncond" pass through the same hooks keep separate state.
+
+Hooks that belong together share one :class:`StateContext`; each hook keeps its state in a
+:class:`ContextualState`, which holds one state object per context name and hands out the
+one for the context that is active. Switching context is one attribute write, whatever the
+number of hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar, final
+
+from diffcaps.errors import ContextError
+
+__all__ = ["ContextualState", "StateContext"]
+
+S = TypeVar("S")
+
+
+@final
+class StateContext:
+    """Which named context is active for the hooks that share this object.
+
+    ``default`` is used when no context is active; with ``default=None`` a hook that asks for
+    its state outside :meth:`use` gets a :class:`~diffcaps.errors.ContextError` whose message
+    ends with ``hint`` (say how to open a context).
+    """
+
+    __slots__ = ("_name", "default", "hint")
+
+    def __init__(self, *, default: str | None = None, hint: str = "") -> None:
+        self._name: str | None = None
+        self.default = default
+        self.hint = hint
+
+    @property
+    def active(self) -> str | None:
+        """The context opened by :meth:`use`, or ``None`` outside one."""
+        return self._name
+
+    @property
+    def current(self) -> str:
+        """The context states are read from: the active one, else ``default``."""
+        name = self._name if self._name is not None else self.default
+        if name is None:
+            hint = f": {self.hint}" if self.hint else ""
+            raise ContextError(f"these hooks keep separate state per named context and none is active{hint}")
+        return name
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Make ``name`` the active context inside the ``with`` block (nesting restores the outer one)."""
+        if not name:
+            raise ContextError(f"a context name must be a non-empty string, got {name!r}")
+        outer, self._name = self._name, name
+        try:
+            yield
+        finally:
+            self._name = outer
+
+
+@final
+class ContextualState(Generic[S]):
+    """One state object per context name, made by ``factory`` on first use in that context."""
+
+    __slots__ = ("_context", "_factory", "_states")
+
+    def __init__(self, factory: Callable[[], S], context: StateContext) -> None:
+        self._factory = factory
+        self._context = context
+        self._states: dict[str, S] = {}
+
+    @property
+    def context(self) -> StateContext:
+        """The shared context this state follows."""
+        return self._context
+
+    def get(self) -> S:
+        """The state of the current context (made now if this context has none yet)."""
+        name = self._context.current
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = self._factory()
+        return state
+
+    def names(self) -> tuple[str, ...]:
+        """The contexts that have state, in order of first use."""
+        return tuple(self._states)
+
+    def reset(self) -> None:
+        """Drop the state of every context."""
+        self._states.clear()
