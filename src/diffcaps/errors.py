@@ -112,3 +112,10 @@ class CastingError(DiffcapsError, ValueError):
 
 class OffloadError(DiffcapsError, ValueError):
     """Group offloading cannot be enabled or disabled as asked."""
+
+
+class IPAdapterError(DiffcapsError, ValueError):
+    """An IP-Adapter call that does not fit the loaded adapters (name, scales, image embeddings)."""
+
+
+__all__ += ["IPAdapterError"]

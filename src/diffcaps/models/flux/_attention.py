@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,16 @@ from torch import Tensor, nn
 
 from diffcaps.models.flux._embeddings import apply_rope
 
-__all__ = ["FluxAttention", "attend"]
+__all__ = ["PROCESSOR", "FluxAttention", "attend"]
+
+PROCESSOR: Final = "processor"
+"""Where a feature attaches a module that adds an image-stream output to a joint attention.
+
+Absent by default. When present, it is called with the image query (after ``norm_q``, before
+RoPE) and the attention's keyword arguments, and its result is returned as a third output
+that the double block adds to the image stream after its feed-forward. IP-Adapter uses it;
+the name is the one diffusers' state dicts use for that attention's IP-Adapter weights.
+"""
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -57,10 +66,13 @@ class FluxAttention(nn.Module):
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        **_: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend over ``[text; image]`` tokens; a joint block returns (image, text) outputs."""
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """Attend over ``[text; image]`` tokens; a joint block returns (image, text) outputs,
+        plus the attached ``processor``'s output when there is one (see ``PROCESSOR``).
+        """
         query, key, value = self._qkv(hidden_states, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        image_query = query
         text_len = 0
         if encoder_hidden_states is not None and self.joint:
             text_len = encoder_hidden_states.shape[1]
@@ -80,5 +92,9 @@ class FluxAttention(nn.Module):
         text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         image: Tensor = self.to_out[1](self.to_out[0](image_out.contiguous()))
         text: Tensor = self.to_add_out(text_out.contiguous())
-        return image, text
+        processor = self._modules.get(PROCESSOR)
+        if processor is None:
+            return image, text
+        extra: Tensor = processor(image_query, **kwargs)
+        return image, text, extra
 

@@ -16,6 +16,7 @@ from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._config import FluxConfig
 from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
+from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
 
 __all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
@@ -33,6 +34,10 @@ class FluxCapabilities(Capabilities):
     )
     repeated_blocks: ModuleTypes = attrs.field(
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
+    )
+
+    ip_adapter: FluxIPAdapter = attrs.field(
+        default=FLUX_IP_ADAPTER, validator=attrs.validators.instance_of(FluxIPAdapter)
     )
 
 
@@ -109,7 +114,9 @@ class FluxTransformer2DModel(Model[FluxConfig]):
         """Predict the flow for packed latents ``hidden_states`` [batch, image_tokens, in_channels].
 
         ``timestep`` and ``guidance`` are in [0, 1] and scaled by 1000 here; ``img_ids`` and
-        ``txt_ids`` are 2-D [tokens, 3] position ids (a leading batch dim is dropped).
+        ``txt_ids`` are 2-D [tokens, 3] position ids (a leading batch dim is dropped). With
+        IP-Adapters loaded (:mod:`diffcaps.ip_adapter`), ``joint_attention_kwargs`` carries
+        ``ip_adapter_image_embeds``: one image embedding tensor per adapter, in load order.
         """
         hidden_states = self.x_embedder(hidden_states)
         timestep = timestep.to(hidden_states.dtype) * 1000
@@ -121,6 +128,11 @@ class FluxTransformer2DModel(Model[FluxConfig]):
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         rotary: tuple[Tensor, Tensor] = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        # A feature may attach ``encoder_hid_proj`` (IP-Adapter does): it rewrites the attention
+        # kwargs, e.g. projecting ``ip_adapter_image_embeds`` into image tokens, once per forward.
+        kwargs_projection = self._modules.get("encoder_hid_proj")
+        if kwargs_projection is not None:
+            joint_attention_kwargs = kwargs_projection(joint_attention_kwargs)
 
         double_count = len(self.transformer_blocks)
         for index, block in enumerate(self.transformer_blocks):
