@@ -1,1 +1,51 @@
-"""cache feature."""
+"""Inference caches: skip work between denoising steps, one switch per model.
+
+``enable(model, config)`` installs one cache (First Block Cache, FasterCache, Pyramid Attention
+Broadcast, TaylorSeer or MagCache) from a frozen config whose fields and defaults are
+diffusers'; ``context(model, name)`` keeps the state of each denoising pass ("cond",
+"uncond") apart; ``stats(model)`` tells what was computed and skipped; ``disable(model)``
+restores every forward exactly. A model says where its blocks and attention are with a
+:class:`CacheSupport` in its capabilities; this package never names a model class.
+"""
+
+from diffcaps.cache._api import (
+    calibrated_mag_ratios as calibrated_mag_ratios,
+    context as context,
+    current as current,
+    disable as disable,
+    enable as enable,
+    reset as reset,
+    stats as stats,
+)
+from diffcaps.cache._config import (
+    CacheConfig as CacheConfig,
+    FasterCacheConfig as FasterCacheConfig,
+    FirstBlockCacheConfig as FirstBlockCacheConfig,
+    MagCacheConfig as MagCacheConfig,
+    PyramidAttentionBroadcastConfig as PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig as TaylorSeerCacheConfig,
+    interpolate_mag_ratios as interpolate_mag_ratios,
+)
+from diffcaps.cache._service import BlockList as BlockList, CacheSupport as CacheSupport
+from diffcaps.cache._stats import CacheStats as CacheStats, GroupStats as GroupStats
+
+__all__ = [
+    "BlockList",
+    "CacheConfig",
+    "CacheStats",
+    "CacheSupport",
+    "FasterCacheConfig",
+    "FirstBlockCacheConfig",
+    "GroupStats",
+    "MagCacheConfig",
+    "PyramidAttentionBroadcastConfig",
+    "TaylorSeerCacheConfig",
+    "calibrated_mag_ratios",
+    "context",
+    "current",
+    "disable",
+    "enable",
+    "interpolate_mag_ratios",
+    "reset",
+    "stats",
+]

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps._service import ModuleTypes
+from diffcaps.cache import CacheSupport
 from diffcaps.capabilities import Capabilities
 from diffcaps.config import ModelConfig
 from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
 from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
@@ -35,6 +37,7 @@ class FluxCapabilities(Capabilities):
     repeated_blocks: ModuleTypes = attrs.field(
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
     )
+    cache: CacheSupport = attrs.field(default=FLUX_CACHE, validator=attrs.validators.instance_of(CacheSupport))
 
     ip_adapter: FluxIPAdapter = attrs.field(
         default=FLUX_IP_ADAPTER, validator=attrs.validators.instance_of(FluxIPAdapter)

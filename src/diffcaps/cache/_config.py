@@ -1,0 +1,311 @@
+"""The five cache configs: frozen, checked when built, with diffusers' field names and defaults.
+
+A config that diffusers accepts can be moved over by changing the import (lists become
+tuples, a ``mag_ratios`` tensor becomes a tuple of floats). Values that cannot work raise
+:class:`~diffcaps.errors.CacheError` when the config is built, before any model is touched;
+what depends on the model (identifiers that match nothing, too few blocks) is checked by
+``enable``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Final, TypeAlias
+
+import attrs
+import torch
+from torch import nn
+
+from diffcaps.errors import CacheError
+
+__all__ = [
+    "CacheConfig",
+    "FasterCacheConfig",
+    "FirstBlockCacheConfig",
+    "MagCacheConfig",
+    "PyramidAttentionBroadcastConfig",
+    "TaylorSeerCacheConfig",
+    "interpolate_mag_ratios",
+]
+
+TimestepCallback: TypeAlias = Callable[[], float]
+ModuleWeightCallback: TypeAlias = Callable[[nn.Module], float]
+
+PAB_SPATIAL_IDENTIFIERS: Final = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers",
+                                  "visual_transformer_blocks")
+PAB_TEMPORAL_IDENTIFIERS: Final = ("temporal_transformer_blocks",)
+PAB_CROSS_IDENTIFIERS: Final = ("blocks", "transformer_blocks", "layers")
+FASTER_SPATIAL_IDENTIFIERS: Final = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn")
+FASTER_TEMPORAL_IDENTIFIERS: Final = ("^temporal_transformer_blocks.*attn",)
+FASTER_TENSOR_FORMATS: Final = ("BCFHW", "BFCHW", "BCHW")
+FASTER_UNCOND_COND_KWARGS: Final = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+                                    "encoder_attention_mask")
+
+
+def _require(condition: bool, config: str, message: str) -> None:
+    if not condition:
+        raise CacheError(f"{config}: {message}")
+
+
+def _strings(value: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _optional_strings(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    return None if value is None else _strings(value)
+
+
+def _pair(value: Sequence[float]) -> tuple[float, float]:
+    items = tuple(value)
+    if len(items) != 2:
+        raise CacheError(f"a timestep range is (low, high), got {value!r}")
+    return (items[0], items[1])
+
+
+def _check_patterns(config: str, field: str, patterns: tuple[str, ...] | None) -> None:
+    for pattern in patterns or ():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise CacheError(f"{config}: {field} entry {pattern!r} is not a regular expression ({error})") from None
+
+
+def _check_range(config: str, field: str, value: tuple[float, float]) -> None:
+    _require(value[0] <= value[1], config, f"{field} must be (low, high) with low <= high, got {value!r}")
+
+
+def _check_skip(config: str, field: str, value: int | None) -> None:
+    _require(value is None or value >= 1, config, f"{field} must be at least 1 (or None), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class FirstBlockCacheConfig:
+    """First Block Cache: run the first block, and skip the rest while its residual barely changes.
+
+    The rest is skipped when ``mean|r - r_prev| / mean|r_prev| <= threshold``, ``r`` being the
+    first block's hidden-states residual and ``r_prev`` the one of the last computed step;
+    the skipped blocks' residual from that step is added instead.
+    """
+
+    kind: ClassVar[str] = "first_block_cache"
+
+    threshold: float = 0.05
+
+    def __attrs_post_init__(self) -> None:
+        _require(math.isfinite(self.threshold) and self.threshold >= 0, type(self).__name__,
+                 f"threshold must be a finite number >= 0, got {self.threshold!r}")
+
+
+@attrs.frozen(kw_only=True)
+class PyramidAttentionBroadcastConfig:
+    """Pyramid Attention Broadcast: reuse an attention output for ``N - 1`` calls out of ``N``.
+
+    Attention modules whose name matches one of ``*_block_identifiers`` (``re.search``) get the
+    matching ``*_block_skip_range``; reuse happens only while ``low < timestep < high`` of the
+    ``*_timestep_skip_range``. The timestep comes from ``current_timestep_callback`` or from
+    ``diffcaps.cache.context(model, name, timestep=...)``. With no skip range set at all,
+    spatial attention uses 2 (and a warning says so), as in diffusers.
+    """
+
+    kind: ClassVar[str] = "pyramid_attention_broadcast"
+
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = attrs.field(default=(100, 800), converter=_pair)
+    temporal_attention_timestep_skip_range: tuple[float, float] = attrs.field(default=(100, 800), converter=_pair)
+    cross_attention_timestep_skip_range: tuple[float, float] = attrs.field(default=(100, 800), converter=_pair)
+    spatial_attention_block_identifiers: tuple[str, ...] = attrs.field(default=PAB_SPATIAL_IDENTIFIERS,
+                                                                       converter=_strings)
+    temporal_attention_block_identifiers: tuple[str, ...] = attrs.field(default=PAB_TEMPORAL_IDENTIFIERS,
+                                                                        converter=_strings)
+    cross_attention_block_identifiers: tuple[str, ...] = attrs.field(default=PAB_CROSS_IDENTIFIERS,
+                                                                     converter=_strings)
+    current_timestep_callback: TimestepCallback | None = None
+
+    def __attrs_post_init__(self) -> None:
+        name = type(self).__name__
+        for kind in ("spatial", "temporal", "cross"):
+            _check_skip(name, f"{kind}_attention_block_skip_range", getattr(self, f"{kind}_attention_block_skip_range"))
+            _check_range(name, f"{kind}_attention_timestep_skip_range",
+                         getattr(self, f"{kind}_attention_timestep_skip_range"))
+            _check_patterns(name, f"{kind}_attention_block_identifiers",
+                            getattr(self, f"{kind}_attention_block_identifiers"))
+
+
+@attrs.frozen(kw_only=True)
+class FasterCacheConfig:
+    """FasterCache: extrapolate attention outputs from the last two computed ones, and (for
+    models run with classifier-free guidance in one batch) approximate the unconditional
+    branch from the conditional one in frequency space.
+
+    Attention whose name matches ``spatial_attention_block_identifiers`` (``re.search``) is
+    computed every ``spatial_attention_block_skip_range`` calls while
+    ``low < timestep < high``; in between it returns ``t + (t - t_prev) * w`` with ``w`` from
+    ``attention_weight_callback`` (0.5 if unset). Set ``is_guidance_distilled=True`` for
+    guidance-distilled models (Flux dev/schnell): then only the attention part applies.
+    """
+
+    kind: ClassVar[str] = "faster_cache"
+
+    spatial_attention_block_skip_range: int = 2
+    temporal_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = attrs.field(default=(-1, 681), converter=_pair)
+    temporal_attention_timestep_skip_range: tuple[float, float] = attrs.field(default=(-1, 681), converter=_pair)
+    low_frequency_weight_update_timestep_range: tuple[float, float] = attrs.field(default=(99, 901), converter=_pair)
+    high_frequency_weight_update_timestep_range: tuple[float, float] = attrs.field(default=(-1, 301), converter=_pair)
+    alpha_low_frequency: float = 1.1
+    alpha_high_frequency: float = 1.1
+    unconditional_batch_skip_range: int = 5
+    unconditional_batch_timestep_skip_range: tuple[float, float] = attrs.field(default=(-1, 641), converter=_pair)
+    spatial_attention_block_identifiers: tuple[str, ...] = attrs.field(default=FASTER_SPATIAL_IDENTIFIERS,
+                                                                       converter=_strings)
+    temporal_attention_block_identifiers: tuple[str, ...] = attrs.field(default=FASTER_TEMPORAL_IDENTIFIERS,
+                                                                        converter=_strings)
+    attention_weight_callback: ModuleWeightCallback | None = None
+    low_frequency_weight_callback: ModuleWeightCallback | None = None
+    high_frequency_weight_callback: ModuleWeightCallback | None = None
+    tensor_format: str = "BCFHW"
+    is_guidance_distilled: bool = False
+    current_timestep_callback: TimestepCallback | None = None
+    unconditional_conditional_input_kwargs_identifiers: tuple[str, ...] = attrs.field(
+        default=FASTER_UNCOND_COND_KWARGS, converter=_strings,
+        alias="_unconditional_conditional_input_kwargs_identifiers",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        name = type(self).__name__
+        _check_skip(name, "spatial_attention_block_skip_range", self.spatial_attention_block_skip_range)
+        _check_skip(name, "temporal_attention_block_skip_range", self.temporal_attention_block_skip_range)
+        _check_skip(name, "unconditional_batch_skip_range", self.unconditional_batch_skip_range)
+        for field in ("spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
+                      "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
+                      "unconditional_batch_timestep_skip_range"):
+            _check_range(name, field, getattr(self, field))
+        _check_patterns(name, "spatial_attention_block_identifiers", self.spatial_attention_block_identifiers)
+        _check_patterns(name, "temporal_attention_block_identifiers", self.temporal_attention_block_identifiers)
+        _require(self.tensor_format in FASTER_TENSOR_FORMATS, name,
+                 f"tensor_format must be one of {FASTER_TENSOR_FORMATS}, got {self.tensor_format!r}")
+        for field in ("alpha_low_frequency", "alpha_high_frequency"):
+            value = getattr(self, field)
+            _require(math.isfinite(value), name, f"{field} must be finite, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class TaylorSeerCacheConfig:
+    """TaylorSeer: predict module outputs between full steps with a Taylor expansion.
+
+    Each hooked module counts its calls (per context). Calls before
+    ``disable_cache_before_step``, calls from ``disable_cache_after_step`` on, and every
+    ``cache_interval``-th call after the warm-up are computed (updating the finite-difference
+    factors up to ``max_order``); the others are predicted. Modules matching
+    ``skip_predict_identifiers`` (``re.fullmatch``) return zeros instead; without identifiers
+    every attention module is predicted. ``use_lite_mode`` skips the transformer blocks and
+    predicts only the output projection.
+    """
+
+    kind: ClassVar[str] = "taylorseer_cache"
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    taylor_factors_dtype: torch.dtype | None = torch.bfloat16
+    skip_predict_identifiers: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_strings)
+    cache_identifiers: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_strings)
+    use_lite_mode: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        name = type(self).__name__
+        _require(self.cache_interval >= 1, name, f"cache_interval must be at least 1, got {self.cache_interval!r}")
+        _require(self.disable_cache_before_step >= 0, name,
+                 f"disable_cache_before_step must be >= 0, got {self.disable_cache_before_step!r}")
+        _require(self.disable_cache_after_step is None or self.disable_cache_after_step >= 0, name,
+                 f"disable_cache_after_step must be >= 0 (or None), got {self.disable_cache_after_step!r}")
+        _require(self.max_order >= 0, name, f"max_order must be >= 0, got {self.max_order!r}")
+        _require(self.taylor_factors_dtype is None or self.taylor_factors_dtype.is_floating_point, name,
+                 f"taylor_factors_dtype must be a floating dtype (or None), got {self.taylor_factors_dtype!r}")
+        _check_patterns(name, "skip_predict_identifiers", self.skip_predict_identifiers)
+        _check_patterns(name, "cache_identifiers", self.cache_identifiers)
+
+
+def _ratios(value: Sequence[float] | torch.Tensor | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        values: list[float] = value.detach().flatten().tolist()
+        return tuple(float(v) for v in values)
+    return tuple(float(v) for v in value)
+
+
+@attrs.frozen(kw_only=True)
+class MagCacheConfig:
+    """MagCache: skip all blocks while the accumulated drift of the residual magnitude is small.
+
+    From step ``int(retention_ratio * num_inference_steps + 0.5)`` on, each step multiplies a
+    running ratio by ``mag_ratios[step]`` and adds ``|1 - ratio|`` to an error; while that
+    error stays ``<= threshold`` for at most ``max_skip_steps`` steps, the blocks are skipped
+    and the last residual is added instead. ``mag_ratios`` must have one entry per step (use
+    :func:`interpolate_mag_ratios` to resample a table). With ``calibrate=True`` nothing is
+    skipped and the ratios of the run are recorded (``diffcaps.cache.calibrated_mag_ratios``).
+    """
+
+    kind: ClassVar[str] = "mag_cache"
+
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    num_inference_steps: int = 28
+    mag_ratios: tuple[float, ...] | None = attrs.field(default=None, converter=_ratios)
+    calibrate: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        name = type(self).__name__
+        _require(math.isfinite(self.threshold) and self.threshold >= 0, name,
+                 f"threshold must be a finite number >= 0, got {self.threshold!r}")
+        _require(self.max_skip_steps >= 0, name, f"max_skip_steps must be >= 0, got {self.max_skip_steps!r}")
+        _require(0 <= self.retention_ratio <= 1, name,
+                 f"retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
+        _require(self.num_inference_steps >= 1, name,
+                 f"num_inference_steps must be at least 1, got {self.num_inference_steps!r}")
+        if self.calibrate:
+            return
+        _require(self.mag_ratios is not None, name,
+                 "mag_ratios is required (they depend on the model): run once with calibrate=True and pass "
+                 "the ratios from diffcaps.cache.calibrated_mag_ratios(model)")
+        assert self.mag_ratios is not None
+        _require(len(self.mag_ratios) == self.num_inference_steps, name,
+                 f"mag_ratios has {len(self.mag_ratios)} entries but num_inference_steps is "
+                 f"{self.num_inference_steps}: pass one ratio per step (interpolate_mag_ratios(ratios, "
+                 f"{self.num_inference_steps}) resamples a table)")
+        bad = [r for r in self.mag_ratios if not (math.isfinite(r) and r > 0)]
+        _require(not bad, name, f"mag_ratios must be finite and > 0, got {bad[:3]!r}")
+
+
+CacheConfig: TypeAlias = (
+    FirstBlockCacheConfig | FasterCacheConfig | PyramidAttentionBroadcastConfig | TaylorSeerCacheConfig
+    | MagCacheConfig
+)
+"""Any one of the cache configs ``diffcaps.cache.enable`` takes."""
+
+
+def interpolate_mag_ratios(ratios: Sequence[float] | torch.Tensor, num_inference_steps: int) -> tuple[float, ...]:
+    """Resample a MagCache ratio table to ``num_inference_steps`` entries (nearest neighbour).
+
+    Entry ``i`` is ``ratios[round(i * (len - 1) / (steps - 1))]`` (halves round to even), the
+    resampling diffusers applies silently when the lengths differ.
+    """
+    table = _ratios(ratios) or ()
+    if not table:
+        raise CacheError("interpolate_mag_ratios: the ratio table is empty")
+    if num_inference_steps < 1:
+        raise CacheError(f"interpolate_mag_ratios: num_inference_steps must be >= 1, got {num_inference_steps}")
+    if num_inference_steps == 1:
+        return table[-1:]
+    scale = (len(table) - 1) / (num_inference_steps - 1)
+    positions = torch.round(torch.arange(num_inference_steps, dtype=torch.float32) * scale).long().tolist()
+    return tuple(table[i] for i in positions)
