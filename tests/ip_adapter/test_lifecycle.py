@@ -148,3 +148,26 @@ def test_forward_needs_one_embedding_per_adapter(adapter_file: Path) -> None:
     with pytest.raises(IPAdapterError, match=r"image embeddings have batch size 2, the hidden states 1"):
         run(model, with_embeds(inputs, [image_embeds(2), image_embeds(2, 6)]))
     assert run(model, with_embeds(inputs, [image_embeds(1), image_embeds(1, 6)])).shape == (1, 16, TINY.in_channels)
+
+
+def test_adapter_weights_train_and_gradient_checkpointing_gives_the_same_gradients(adapter_file: Path) -> None:
+    from diffcaps import checkpointing
+
+    model = seeded_model(TINY).train()
+    ip_adapter.load(model, adapter_file)
+    inputs = flux_inputs(TINY)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(**with_embeds(inputs, [image_embeds(1)])).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert any(".to_k_ip." in name for name in plain) and any("image_embeds" in name for name in plain)
+    checkpointing.enable(model)
+    try:
+        checkpointed = gradients()
+    finally:
+        checkpointing.disable(model)
+    assert checkpointed.keys() == plain.keys()
+    assert all(torch.equal(checkpointed[name], plain[name]) for name in plain)
