@@ -119,3 +119,24 @@ class IPAdapterError(DiffcapsError, ValueError):
 
 
 __all__ += ["IPAdapterError"]
+
+
+class ParallelError(DiffcapsError, RuntimeError):
+    """Context parallelism cannot be enabled or run as asked: no process group, degrees that do not
+    fit the world, a model without a plan, or inputs the plan cannot split."""
+
+
+class RankFailure(ParallelError):
+    """A context-parallel collective did not complete: a rank failed or stalled, or the wait timed out.
+
+    ``rank`` is the rank that raised this error; ``failed`` maps every rank that reported an
+    error of its own to that error's text (empty when none did, e.g. a rank that hung or died).
+    """
+
+    def __init__(self, message: str, *, rank: int, failed: dict[int, str] | None = None) -> None:
+        self.rank = rank
+        self.failed = dict(failed or {})
+        super().__init__(message)
+
+
+__all__ += ["ParallelError", "RankFailure"]

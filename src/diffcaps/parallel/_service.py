@@ -1,48 +1,110 @@
-"""The context-parallel plan: which forward inputs are split and which output is gathered."""
+"""The context-parallel plan: which forward inputs are split, which outputs are gathered, which
+modules are attention.
+
+A model folder declares a :class:`ContextParallelPlan` in ``Capabilities.context_parallel``; the
+functions of :mod:`diffcaps.parallel` apply it to any model from this data alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import final
+from typing import Any, final
 
 import attrs
+from torch import Tensor
+
+from diffcaps._service import ModuleTypes
 
 __all__ = ["ContextParallelPlan", "GatherOutput", "SplitInput"]
+
+
+def _check_dim(instance: Any, _: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value < instance.ndim:
+        raise ValueError(f"{type(instance).__name__}: dim must be in [0, ndim={instance.ndim}), got {value}")
+
+
+def _axis(what: str, dim: int, ndim: int, tensor: Tensor) -> int:
+    if tensor.ndim < ndim:
+        raise ValueError(f"{what} has {tensor.ndim} dimension(s) {tuple(tensor.shape)}; at least {ndim} expected")
+    return tensor.ndim - ndim + dim
 
 
 @final
 @attrs.frozen(kw_only=True)
 class SplitInput:
-    """A forward input split across ranks along ``dim`` (a tensor of ``ndim`` dimensions)."""
+    """A forward input split across ranks along ``dim`` of its usual ``ndim`` dimensions.
 
-    dim: int
-    ndim: int
+    A tensor with extra leading dimensions is split at the same dimension counted from the end
+    (ids given as ``[1, tokens, 3]`` instead of ``[tokens, 3]``); a list or tuple of tensors is
+    split tensor by tensor; ``None`` is passed on as it is.
+
+    ``stream`` names the token sequence the input belongs to (default: the input's own name).
+    Inputs of one stream hold the same tokens (Flux's ``img_ids`` label ``hidden_states``'
+    tokens), so they must have the same length; the attention sequences inside the model are
+    made of whole streams.
+    """
+
+    ndim: int = attrs.field(validator=attrs.validators.ge(1))
+    dim: int = attrs.field(validator=_check_dim)
+    stream: str | None = None
+
+    def axis(self, name: str, tensor: Tensor) -> int:
+        """The dimension of ``tensor`` (the input called ``name``) that is split."""
+        return _axis(f"input {name!r}", self.dim, self.ndim, tensor)
 
 
 @final
 @attrs.frozen(kw_only=True)
 class GatherOutput:
-    """A submodule's output gathered from all ranks along ``dim``."""
+    """A submodule's output gathered from all ranks along ``dim`` of its ``ndim`` dimensions."""
 
-    dim: int
-    ndim: int
+    ndim: int = attrs.field(validator=attrs.validators.ge(1))
+    dim: int = attrs.field(validator=_check_dim)
+
+    def axis(self, name: str, tensor: Tensor) -> int:
+        """The dimension of ``tensor`` (the output of ``name``) that is gathered."""
+        return _axis(f"the output of {name!r}", self.dim, self.ndim, tensor)
 
 
-def _frozen_mapping(value: Mapping[str, SplitInput]) -> Mapping[str, SplitInput]:
+def _frozen_inputs(value: Mapping[str, SplitInput]) -> Mapping[str, SplitInput]:
     return MappingProxyType(dict(value))
+
+
+def _frozen_outputs(value: Mapping[str, GatherOutput]) -> Mapping[str, GatherOutput]:
+    return MappingProxyType(dict(value))
+
+
+def _non_empty(instance: Any, attribute: attrs.Attribute[Mapping[str, Any]], value: Mapping[str, Any]) -> None:
+    if not value:
+        raise ValueError(f"ContextParallelPlan.{attribute.name} must name at least one entry")
+    for name in value:
+        if not name:
+            raise ValueError(f"ContextParallelPlan.{attribute.name} keys must be non-empty strings, got {name!r}")
 
 
 @final
 @attrs.frozen(kw_only=True)
 class ContextParallelPlan:
-    """Declares how a model's sequence is split across ranks and gathered back."""
+    """How a model's sequence is split across ranks and gathered back.
 
-    inputs: Mapping[str, SplitInput] = attrs.field(converter=_frozen_mapping)
-    gather: Mapping[str, GatherOutput]
+    - ``inputs``: forward parameter name → how that input is split (every rank computes on its
+      own slice of it, e.g. its own RoPE frequencies from its own position ids).
+    - ``outputs``: dotted submodule name → how its output is gathered (all ranks get the whole).
+    - ``attention``: the attention module classes. Each attends through a method named
+      ``kernel`` taking ``(query, key, value)`` on [batch, seq, heads, head_dim] tensors of the
+      (split) joint sequence; context parallelism replaces that method on each instance with
+      the distributed algorithm, and deletes the replacement to restore the model.
+    """
+
+    inputs: Mapping[str, SplitInput] = attrs.field(converter=_frozen_inputs, validator=_non_empty)
+    outputs: Mapping[str, GatherOutput] = attrs.field(converter=_frozen_outputs, validator=_non_empty)
+    attention: ModuleTypes = attrs.field(validator=attrs.validators.instance_of(ModuleTypes))
+    kernel: str = attrs.field(default="kernel", validator=attrs.validators.min_len(1))
 
     def entries(self) -> tuple[str, ...]:
-        """``split name@dim`` for each input, ``gather module@dim`` for each output."""
+        """The algorithms, ``split name@dim`` per input, ``gather module@dim`` per output, the attention classes."""
         split = tuple(f"split {name}@{s.dim}" for name, s in self.inputs.items())
-        gathered = tuple(f"gather {name}@{g.dim}" for name, g in self.gather.items())
-        return split + gathered
+        gathered = tuple(f"gather {name}@{g.dim}" for name, g in self.outputs.items())
+        attention = tuple(f"attention {name}" for name in self.attention.entries())
+        return ("ulysses", "ring", *split, *gathered, *attention)

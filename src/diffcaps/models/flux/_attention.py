@@ -10,7 +10,14 @@ from torch import Tensor, nn
 
 from diffcaps.models.flux._embeddings import apply_rope
 
-__all__ = ["PROCESSOR", "FluxAttention", "attend"]
+__all__ = ["KERNEL", "PROCESSOR", "FluxAttention", "attend"]
+
+KERNEL: Final = "kernel"
+"""The method joint attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
+
+It calls :func:`attend`. A feature may replace it on one instance with an instance attribute of
+this name (context parallelism does, to run the distributed algorithm) and delete it to restore.
+"""
 
 PROCESSOR: Final = "processor"
 """Where a feature attaches a module that adds an image-stream output to a joint attention.
@@ -51,6 +58,10 @@ class FluxAttention(nn.Module):
             self.add_v_proj = nn.Linear(dim, inner)
             self.to_add_out = nn.Linear(inner, dim)
 
+    def kernel(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """Attention over the joint sequence (see ``KERNEL``): :func:`attend` unless replaced on this instance."""
+        return attend(query, key, value)
+
     def _heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)
 
@@ -86,7 +97,7 @@ class FluxAttention(nn.Module):
         if image_rotary_emb is not None:
             query = apply_rope(query, image_rotary_emb)
             key = apply_rope(key, image_rotary_emb)
-        out = attend(query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.kernel(query, key, value).flatten(2, 3).to(query.dtype)
         if not text_len:
             return out
         text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)

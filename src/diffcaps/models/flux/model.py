@@ -17,9 +17,11 @@ from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
+from diffcaps.models.flux._context_parallel import FLUX_CONTEXT_PARALLEL
 from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
+from diffcaps.parallel import ContextParallelPlan
 
 __all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
 
@@ -38,6 +40,9 @@ class FluxCapabilities(Capabilities):
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
     )
     cache: CacheSupport = attrs.field(default=FLUX_CACHE, validator=attrs.validators.instance_of(CacheSupport))
+    context_parallel: ContextParallelPlan = attrs.field(
+        default=FLUX_CONTEXT_PARALLEL, validator=attrs.validators.instance_of(ContextParallelPlan)
+    )
 
     ip_adapter: FluxIPAdapter = attrs.field(
         default=FLUX_IP_ADAPTER, validator=attrs.validators.instance_of(FluxIPAdapter)

@@ -1,0 +1,266 @@
+"""What the spawned ranks run, and the builders the parent uses for its single-process references.
+
+Each rank writes ``rank<N>.pt`` into the output folder: the gathered output of every case,
+whether ``disable`` restored the model bit for bit, and the outcome of the error checks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from diffcaps.errors import CapabilityError, ParallelError, RankFailure
+from diffcaps.models.flux import FluxTransformer2DModel
+from diffcaps.parallel import current, disable, enable_context_parallel
+from tests.custom_model import seeded_tiny_dit
+from tests.flux_fixtures import PARITY_CONFIGS, TINY, flux_inputs, seeded_model
+
+CONFIGS = {"tiny": TINY, **PARITY_CONFIGS}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "proj_mlp", "proj_out", "ff.net.2")
+
+
+@attrs.frozen(kw_only=True)
+class Case:
+    """One context-parallel run compared with the single-process model."""
+
+    config: str = "tiny"
+    ulysses: int = 1
+    ring: int = 1
+    height: int = 4
+    width: int = 4
+    text: int = 5
+    batch: int = 1
+    lora: bool = False
+    mesh: bool = False
+    controlnet: bool = False
+    batched_ids: bool = False
+
+
+TWO_RANKS: dict[str, Case] = {
+    "ulysses-even": Case(ulysses=2, height=4, width=4, text=4),
+    "ulysses-uneven": Case(ulysses=2, height=3, width=3, text=5),
+    "ulysses-uneven-heads": Case(config="patch2-odd-channels", ulysses=2, height=3, width=5, text=3),
+    "ulysses-lora": Case(ulysses=2, height=4, width=3, text=7, lora=True),
+    "ulysses-mesh": Case(ulysses=2, height=3, width=3, text=4, mesh=True),
+    "ring-even": Case(ring=2, height=4, width=4, text=6),
+    "ring-uneven": Case(ring=2, height=3, width=3, text=5, batch=2),
+    "ring-lora": Case(ring=2, height=3, width=3, text=5, lora=True),
+    "ring-controlnet-3d-ids": Case(config="schnell-like", ring=2, height=3, width=3, text=3, controlnet=True,
+                                   batched_ids=True),
+}
+FOUR_RANKS: dict[str, Case] = {
+    "ulysses4-even": Case(config="schnell-like", ulysses=4, height=4, width=4, text=8),
+    "ulysses4-uneven-fewer-heads": Case(ulysses=4, height=3, width=3, text=5),
+    "ulysses4-lora": Case(config="schnell-like", ulysses=4, height=3, width=5, text=6, lora=True),
+    "ring4-even": Case(ring=4, height=4, width=4, text=4),
+    "ring4-uneven": Case(ring=4, height=3, width=5, text=7),
+    "ring4-lora": Case(ring=4, height=3, width=3, text=5, lora=True),
+    "2d-even": Case(ulysses=2, ring=2, height=4, width=4, text=8),
+    "2d-uneven": Case(config="patch2-odd-channels", ulysses=2, ring=2, height=3, width=3, text=6),
+    "2d-lora": Case(ulysses=2, ring=2, height=3, width=5, text=5, lora=True),
+    "2d-mesh": Case(ulysses=2, ring=2, height=3, width=3, text=5, mesh=True, batch=2),
+}
+
+
+def add_lora(model: nn.Module, seed: int = 7) -> None:
+    """Inject a peft LoRA adapter with seeded, non-zero weights (so it changes the output)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS)), model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+def build_model(case: Case) -> FluxTransformer2DModel:
+    """The seeded model of ``case`` (with its LoRA when asked)."""
+    model = seeded_model(CONFIGS[case.config])
+    if case.lora:
+        add_lora(model)
+    return model.requires_grad_(False)
+
+
+def case_inputs(case: Case) -> dict[str, Any]:
+    """The forward arguments of ``case``."""
+    config = CONFIGS[case.config]
+    inputs = flux_inputs(config, batch=case.batch, height=case.height, width=case.width, text_tokens=case.text)
+    if case.controlnet:
+        generator = torch.Generator().manual_seed(3)
+        shape = (case.batch, case.height * case.width, config.inner_dim)
+        inputs["controlnet_block_samples"] = [torch.randn(shape, generator=generator) for _ in range(2)]
+        inputs["controlnet_single_block_samples"] = [torch.randn(shape, generator=generator) for _ in range(3)]
+    if case.batched_ids:
+        inputs["img_ids"] = inputs["img_ids"][None]
+        inputs["txt_ids"] = inputs["txt_ids"][None]
+    return inputs
+
+
+def reference(case: Case) -> Tensor:
+    """The single-process output of ``case``."""
+    with torch.no_grad():
+        out: Tensor = build_model(case)(**case_inputs(case)).sample
+    return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _mesh(case: Case) -> Any:
+    if not case.mesh:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if case.ulysses > 1 and case.ring > 1:
+        return init_device_mesh("cpu", (case.ring, case.ulysses), mesh_dim_names=("ring", "ulysses"))
+    return init_device_mesh("cpu", (case.ulysses * case.ring,), mesh_dim_names=("cp",))
+
+
+def _run_case(case: Case, models: dict[tuple[str, bool], FluxTransformer2DModel]) -> dict[str, Any]:
+    model = models.get((case.config, case.lora))
+    if model is None:
+        model = models[(case.config, case.lora)] = build_model(case)
+    inputs = case_inputs(case)
+    with torch.no_grad():
+        before = model(**inputs).sample
+        enable_context_parallel(model, ulysses_degree=case.ulysses, ring_degree=case.ring, mesh=_mesh(case),
+                                timeout=60)
+        config = current(model)
+        output = model(**inputs).sample
+        again = model(**inputs).sample  # a second call reuses the groups
+        disable(model)
+        after = model(**inputs).sample
+    return {"output": output, "again": again, "restored": torch.equal(after, before),
+            "position": None if config is None else config.position}
+
+
+def _expect(kind: type[BaseException], call: Callable[[], object]) -> str:
+    try:
+        call()
+    except kind as error:
+        return f"ok: {error}"
+    except BaseException as error:  # noqa: BLE001 - reported to the parent as a failed check
+        return f"wrong error {type(error).__name__}: {error}"
+    return "no error"
+
+
+def _bad_input_checks(rank: int) -> dict[str, Any]:
+    """Misuse on rank 0 alone: if any of it communicated, the calls after it would not line up."""
+    checks: dict[str, Any] = {}
+    case = Case(ulysses=2, height=3, width=3, text=5)
+    model = build_model(case)
+    inputs = case_inputs(case)
+    if rank == 0:
+        checks["degrees-mismatch"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=4))
+        checks["degree-zero"] = _expect(ParallelError, lambda: enable_context_parallel(model, ring_degree=0))
+        checks["no-plan"] = _expect(CapabilityError, lambda: enable_context_parallel(seeded_tiny_dit(),  # type: ignore[arg-type]
+                                                                                     ulysses_degree=2))
+        checks["bad-mesh"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
+                                                                                    mesh="not a mesh"))
+        checks["bad-timeout"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
+                                                                                       timeout=0))
+        checks["unchanged"] = current(model) is None and not model.__dict__.get("_diffcaps_hooks")
+    enable_context_parallel(model, ulysses_degree=2, timeout=60)
+    checks["enable-twice"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
+    if rank == 0:
+        checks["grad-enabled"] = _expect(ParallelError, lambda: model(**{**inputs, "hidden_states":
+                                                                       inputs["hidden_states"].requires_grad_()}))
+        inputs["hidden_states"].requires_grad_(False)
+        short = {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, :1],
+                 "txt_ids": inputs["txt_ids"][:1]}
+        checks["too-short"] = _expect(ParallelError, lambda: model(**short))
+        mismatched = {**inputs, "img_ids": inputs["img_ids"][:-1]}
+        checks["stream-mismatch"] = _expect(ParallelError, lambda: model(**mismatched))
+    with torch.no_grad():
+        checks["after-misuse"] = model(**inputs).sample
+    disable(model)
+    checks["disable-again"] = disable(model)
+    return checks
+
+
+def _failure_checks(rank: int) -> dict[str, Any]:
+    """Rank 1 raises inside the forward: rank 0 must name it; then the session refuses to run."""
+    checks: dict[str, Any] = {}
+    case = Case(ring=2, height=3, width=3, text=5)
+    model = build_model(case)
+    inputs = case_inputs(case)
+    with torch.no_grad():
+        before = model(**inputs).sample
+    enable_context_parallel(model, ring_degree=2, timeout=60)
+    if rank == 1:
+        def boom(module: nn.Module, args: Any) -> None:
+            raise ValueError("injected failure on rank 1")
+        handle = model.single_transformer_blocks[0].register_forward_pre_hook(boom)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        checks["failure"] = "no error"
+    except RankFailure as error:
+        checks["failure"] = f"RankFailure rank={error.rank} failed={error.failed}: {error}"
+    except ValueError as error:
+        checks["failure"] = f"ValueError: {error} | notes={getattr(error, '__notes__', [])}"
+    if rank == 1:
+        handle.remove()
+    checks["after-failure"] = _expect(ParallelError, lambda: model(**inputs))
+    disable(model)
+    with torch.no_grad():
+        checks["restored-after-failure"] = torch.equal(model(**inputs).sample, before)
+    return checks
+
+
+def _stall_checks(rank: int) -> dict[str, Any]:
+    """Rank 1 never calls the model: rank 0's collective gives up at the timeout instead of hanging."""
+    checks: dict[str, Any] = {}
+    case = Case(ulysses=2, height=3, width=3, text=5)
+    model = build_model(case)
+    enable_context_parallel(model, ulysses_degree=2, timeout=1.5)
+    if rank == 0:
+        start = time.monotonic()
+        checks["stall"] = _expect(RankFailure, lambda: model(**case_inputs(case)))
+        checks["stall-seconds"] = time.monotonic() - start
+    dist.barrier()
+    disable(model)
+    return checks
+
+
+def run_rank(rank: int, world: int, port: int, out_dir: str, suite: str) -> None:
+    """Entry point of one spawned rank."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    results: dict[str, Any] = {}
+    models: dict[tuple[str, bool], FluxTransformer2DModel] = {}
+    cases = TWO_RANKS if suite == "two" else FOUR_RANKS
+    for name, case in cases.items():
+        try:
+            results[name] = _run_case(case, models)
+        except Exception:  # reported to the parent, which fails that case's test
+            results[name] = {"error": traceback.format_exc()}
+    if suite == "two":
+        for name, checks in (("misuse", _bad_input_checks), ("failure", _failure_checks),
+                             ("stall", _stall_checks)):
+            try:
+                results[name] = checks(rank)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
