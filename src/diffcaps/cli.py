@@ -1,4 +1,4 @@
-"""Command line: ``python -m diffcaps describe|demo``."""
+"""Command line: ``python -m diffcaps describe|demo|inspect|convert``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from diffcaps.models import model_class, model_names
+
+if TYPE_CHECKING:
+    from diffcaps.protocols import SupportsWeightMapping
+    from diffcaps.weights import Recogniser
 
 __all__ = ["main"]
 
@@ -64,6 +69,77 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _file_recognisers() -> list[Recogniser]:
+    """What ``inspect`` tries on a file, in order; the first that matches describes it.
+
+    Hook: another kind of file (a LoRA and its format) is recognised by adding its
+    recogniser to this list — a callable taking the parsed header and returning a
+    ``diffcaps.weights.Recognition``.
+    """
+    from diffcaps.weights import checkpoint_recogniser
+
+    return [checkpoint_recogniser(model_class(name) for name in model_names())]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from diffcaps.errors import DiffcapsError
+    from diffcaps.weights import inspect_file
+
+    try:
+        report = inspect_file(args.file, _file_recognisers())
+    except DiffcapsError as exc:
+        print(f"diffcaps inspect: {exc}", file=sys.stderr)
+        return 1
+    print(report.describe())
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffcaps.errors import DiffcapsError
+    from diffcaps.io._progress import ProgressBar
+    from diffcaps.weights import convert
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        with ProgressBar("converting") as progress:
+            done = convert(
+                cast("type[SupportsWeightMapping]", model_class(args.model)), args.source, args.target,
+                to=args.to, variant=args.variant, prefix=args.prefix, torch_dtype=dtype,
+                strict=not args.non_strict, max_shard_size=args.max_shard_size, overwrite=args.force,
+                progress=progress,
+            )
+    except DiffcapsError as exc:
+        print(f"diffcaps convert: {exc}", file=sys.stderr)
+        return 1
+    what = f"{done.variant} " if done.variant else ""
+    print(f"wrote {what}{done.layout} layout: {done.tensors} tensors, {done.nbytes / 1e9:.2f} GB → {done.target}")
+    return 0
+
+
+def _add_weight_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = commands.add_parser("inspect", help="say what a safetensors file is, without loading it")
+    inspect.add_argument("file", help="a .safetensors file")
+    inspect.set_defaults(run=_inspect)
+
+    convert = commands.add_parser(
+        "convert", help="convert a single-file checkpoint to a diffusers folder, or a folder to one file"
+    )
+    convert.add_argument("source", help="an original-layout .safetensors file, or a diffusers model folder")
+    convert.add_argument("target", help="the folder (or, from a folder, the .safetensors file) to write")
+    convert.add_argument("--model", choices=model_names(), default="flux")
+    convert.add_argument("--to", choices=("diffusers", "original"), help="default: the other layout")
+    convert.add_argument("--variant", help="insist on this variant instead of detecting it")
+    convert.add_argument("--prefix", default="", help="key prefix for the original layout, e.g. model.diffusion_model.")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float8_e4m3fn"),
+                         help="cast floating tensors (default: keep the stored dtypes)")
+    convert.add_argument("--max-shard-size", default="10GB", help="diffusers shard size (default 10GB)")
+    convert.add_argument("--non-strict", action="store_true", help="skip tensors the model has no place for")
+    convert.add_argument("--force", action="store_true", help="replace an existing target")
+    convert.set_defaults(run=_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffcaps`` argument parser."""
     parser = argparse.ArgumentParser(prog="diffcaps", description=__doc__)
@@ -79,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
     demo.set_defaults(run=_demo)
+
+    _add_weight_commands(commands)
     return parser
 
 

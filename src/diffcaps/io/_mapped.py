@@ -1,10 +1,12 @@
 """Zero-copy, memory-mapped access to the tensors of a safetensors file.
 
 ``MappedSafetensors.view(key)`` returns a tensor that points straight into the mapped file:
-nothing is read until its bytes are touched, and the caller copies (and casts) what it
-keeps. ``release(key)`` then drops that tensor's pages from this process's resident set,
-so that reading a whole file one tensor at a time never holds more than one tensor's pages
-besides what the caller keeps. The page cache still holds them for the next reader.
+nothing is read until its bytes are touched. A caller may keep such a view as it is (the
+mapping is private, copy-on-write: writing to it never touches the file, and the mapping
+lives as long as any view does), or copy and cast what it keeps and then ``release(key)``,
+which drops that tensor's pages from this process's resident set — so reading a whole file
+one tensor at a time holds about one tensor's pages beyond what the caller keeps. The page
+cache still holds them for the next reader.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class MappedSafetensors:
         self._map: mmap.mmap | None = (
             mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
         )
+        self._span = (0, 0)
+        if self._map is not None:
+            whole = torch.frombuffer(self._map, dtype=torch.uint8)
+            self._span = (whole.data_ptr(), whole.data_ptr() + size)
 
     def __enter__(self) -> MappedSafetensors:
         return self
@@ -53,13 +59,10 @@ class MappedSafetensors:
         self.close()
 
     def close(self) -> None:
-        """Unmap the file. Views still alive keep the mapping until they are freed."""
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a view is still referenced; the map goes when it does
-                pass
-            self._map = None
+        """Let go of the file. Views still alive (a model's weights) keep the mapping until freed."""
+        # Never mmap.close(): views hold a reference to the map, not a buffer export, so
+        # closing would unmap memory they still use. The map is unmapped when the last goes.
+        self._map = None
         self._file.close()
 
     def __iter__(self) -> Iterator[str]:
@@ -90,6 +93,23 @@ class MappedSafetensors:
         if start % info.dtype.itemsize:  # a writer that did not align: copy once to realign
             raw = raw.clone()
         return raw.view(info.dtype).reshape(info.shape)
+
+    def backs(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory is this file's mapping (a view, not a copy)."""
+        pointer = tensor.untyped_storage().data_ptr()
+        return tensor.device.type == "cpu" and self._span[0] <= pointer < self._span[1]
+
+    def standalone(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The same bytes of the mapping as ``tensor``, with a storage of its own.
+
+        Parts cut from one fused tensor would otherwise share its storage, which writers
+        (safetensors among them) refuse to save as separate tensors.
+        """
+        if self._map is None or not self.backs(tensor) or not tensor.is_contiguous():
+            raise ValueError("standalone() takes a contiguous view of this open file")
+        offset = tensor.data_ptr() - self._span[0]
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=tensor.nbytes, offset=offset)
+        return raw.view(tensor.dtype).reshape(tensor.shape)
 
     def release(self, key: str) -> None:
         """Drop the pages of ``key`` from this process's memory (they stay in the page cache)."""

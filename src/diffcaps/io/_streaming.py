@@ -72,7 +72,7 @@ def _write_tensor(handle: BinaryIO, slot: TensorSlot, tensor: torch.Tensor) -> N
         )
     if slot.nbytes:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        handle.write(memoryview(data.numpy()))
+        handle.write(data.numpy().data)
 
 
 def _temporary(path: Path) -> Path:

@@ -21,7 +21,9 @@ from diffcaps.models.flux._context_parallel import FLUX_CONTEXT_PARALLEL
 from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
+from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
 from diffcaps.parallel import ContextParallelPlan
+from diffcaps.weights import WeightMapper
 
 __all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
 
@@ -38,6 +40,9 @@ class FluxCapabilities(Capabilities):
     )
     repeated_blocks: ModuleTypes = attrs.field(
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
+    )
+    weight_mapping: WeightMapper = attrs.field(
+        default=FLUX_WEIGHTS, validator=attrs.validators.instance_of(WeightMapper)
     )
     cache: CacheSupport = attrs.field(default=FLUX_CACHE, validator=attrs.validators.instance_of(CacheSupport))
     context_parallel: ContextParallelPlan = attrs.field(

@@ -1,0 +1,182 @@
+"""What a safetensors file is, from its header alone: ``python -m diffcaps inspect FILE``.
+
+A file is summarised (dtypes, tensor count, size) and handed to a list of *recognisers*,
+each of which says whether the file is its kind of thing — a model checkpoint of some
+variant, or (where a LoRA recogniser is added) an adapter in some format — and describes
+it in rows of (label, value). No tensor is read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, final
+
+import attrs
+
+from diffcaps.errors import CheckpointError
+from diffcaps.io import expected_tensors, read_header
+from diffcaps.io._safetensors import SafetensorsHeader
+from diffcaps.weights._service import WeightMapper
+from diffcaps.weights._single_file import _model_class, build_on_meta, check_identified, header_specs
+
+__all__ = ["FileReport", "Recogniser", "Recognition", "checkpoint_recogniser", "inspect_file"]
+
+Row = tuple[str, str]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Recognition:
+    """One recogniser's verdict: ``matched``, and rows describing the file (or why not)."""
+
+    kind: str
+    matched: bool
+    rows: tuple[Row, ...] = ()
+
+
+Recogniser = Callable[[SafetensorsHeader], Recognition]
+"""Looks at a header and says whether the file is its kind of thing."""
+
+
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def human_bytes(count: int) -> str:
+    """``23.8 GB``, ``512.0 KB``: decimal units, as file managers show."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _strings(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class FileReport:
+    """A safetensors file described from its header."""
+
+    path: Path
+    file_bytes: int
+    tensors: int
+    parameters: int
+    dtypes: tuple[tuple[str, int], ...]
+    metadata: Mapping[str, str] = attrs.field(converter=_strings)
+    recognitions: tuple[Recognition, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """The first recognised kind, or ``unknown``."""
+        return next((r.kind for r in self.recognitions if r.matched), "unknown")
+
+    def describe(self) -> str:
+        """The report as aligned ``label  value`` lines."""
+        matched = [r for r in self.recognitions if r.matched]
+        rows: list[Row] = [("kind", self.kind)]
+        if matched:
+            rows.extend(matched[0].rows)
+        else:
+            rows.extend(row for r in self.recognitions for row in r.rows)
+        dtypes = ", ".join(f"{name} ({count})" if len(self.dtypes) > 1 else name for name, count in self.dtypes)
+        rows += [
+            ("dtype", dtypes or "none"),
+            ("tensors", str(self.tensors)),
+            ("size", f"{human_bytes(self.file_bytes)} ({_parameters(self.parameters)} parameters)"),
+        ]
+        if self.metadata:
+            rows.append(("metadata", ", ".join(f"{k}={_short(v)}" for k, v in sorted(self.metadata.items()))))
+        width = max(len(label) for label, _ in rows)
+        return "\n".join([str(self.path), *(f"  {label.ljust(width)}   {value}" for label, value in rows)])
+
+
+def _parameters(count: int) -> str:
+    if count >= 10**9:
+        return f"{count / 10**9:.2f} B"
+    if count >= 10**6:
+        return f"{count / 10**6:.2f} M"
+    return str(count)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]) -> FileReport:
+    """Describe a safetensors file without reading a tensor; ``CheckpointError`` if it is not one.
+
+    Recognisers are tried in order until one matches; those that did not match before it
+    keep their reasons, shown when nothing matches.
+    """
+    header = read_header(path)
+    counts = Counter(_dtype_name(info.dtype) for info in header.tensors.values())
+    recognitions: list[Recognition] = []
+    for recognise in recognisers:
+        recognitions.append(recognise(header))
+        if recognitions[-1].matched:
+            break
+    return FileReport(
+        path=Path(path),
+        file_bytes=header.path.stat().st_size,
+        tensors=len(header.tensors),
+        parameters=sum(math.prod(info.shape) for info in header.tensors.values()),
+        dtypes=tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        metadata=header.metadata,
+        recognitions=tuple(recognitions),
+    )
+
+
+def _count(value: object, label: str) -> str:
+    return f"{value} {label.removesuffix('s') if value == 1 else label}"
+
+
+def _config_row(config: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in config.items())
+
+
+def checkpoint_recogniser(model_classes: Iterable[type[Any]]) -> Recogniser:
+    """A recogniser for model checkpoints of any of these classes that declare weight mapping."""
+    candidates = [
+        (cls, mapper) for cls in model_classes
+        if isinstance(mapper := getattr(getattr(cls, "capabilities", None), "weight_mapping", None), WeightMapper)
+    ]
+
+    def recognise(header: SafetensorsHeader) -> Recognition:
+        specs = header_specs(header)
+        reasons: list[Row] = []
+        for cls, mapper in candidates:
+            try:
+                found = mapper.identify(specs)
+            except CheckpointError as exc:
+                reasons.append((cls.__name__, str(exc).splitlines()[0].removeprefix(f"{header.path}: ")))
+                continue
+            variant = found.variant
+            layers = ", ".join(_count(found.config.get(key), label) for label, key in mapper.layer_counts.items())
+            layout = found.layout + (f" (prefix {found.prefix!r})" if found.prefix else "")
+            rows: list[Row] = [
+                ("model", f"{cls.__name__} ({mapper.family})"),
+                ("variant", f"{variant.name}" + (f" — {variant.description}" if variant.description else "")),
+                ("layout", layout),
+            ]
+            if layers:
+                rows.append(("layers", layers))
+            rows += [("config", _config_row(found.config)), ("fit", _fit(cls, found, mapper, specs, header))]
+            return Recognition(kind="checkpoint", matched=True, rows=tuple(rows))
+        return Recognition(kind="checkpoint", matched=False, rows=tuple(reasons))
+
+    return recognise
+
+
+def _fit(cls: type[Any], found: Any, mapper: WeightMapper, specs: Any, header: SafetensorsHeader) -> str:
+    try:
+        model = build_on_meta(_model_class(cls), found.config, source=str(header.path))
+        check_identified(mapper, found, specs, expected_tensors(model), path=str(header.path), strict=True)
+    except (CheckpointError, TypeError) as exc:
+        return f"does not load as is: {str(exc).removeprefix(str(header.path) + ': ')}"
+    return f"every tensor has its place in {cls.__name__}"

@@ -1,0 +1,316 @@
+"""``load_single_file`` and ``save_single_file``: a model from one checkpoint file, and back.
+
+Loading reads only the header until every check has passed: the variant and config come
+from key names and shapes, the model is built on the meta device, and the file's tensors
+are matched against it name by name and shape by shape. Then each tensor is viewed in the
+memory-mapped file and transformed; where it must change dtype or device it is copied and
+cast as it lands in the model and its pages are released, otherwise the model keeps the
+view — so the peak is about one copy of the weights. On any error no model is returned.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+
+import attrs
+import torch
+from torch import Tensor
+
+from diffcaps.errors import CheckpointError, ShapeError
+from diffcaps.io import assign_tensor, expected_tensors, on_meta_device, read_header
+from diffcaps.io._mapped import MappedSafetensors
+from diffcaps.io._safetensors import SafetensorsHeader
+from diffcaps.io._streaming import TensorSlot, write_safetensors_stream
+from diffcaps.weights._service import Identification, MappingPlan, Step, WeightMapper
+from diffcaps.weights._variants import TensorSpec
+
+if TYPE_CHECKING:
+    from diffcaps.model import Model
+    from diffcaps.protocols import SupportsWeightMapping
+
+__all__ = ["UnexpectedTensorsWarning", "load_single_file", "save_single_file"]
+
+
+M = TypeVar("M", bound="SupportsWeightMapping")
+
+
+class UnexpectedTensorsWarning(UserWarning):
+    """A checkpoint held tensors the model has no place for (loaded with ``strict=False``)."""
+
+    def __init__(self, path: str, keys: list[str]) -> None:
+        self.path = path
+        self.keys = tuple(keys)
+        shown = ", ".join(keys[:12]) + (f", … and {len(keys) - 12} more" if len(keys) > 12 else "")
+        super().__init__(f"{path}: {len(keys)} tensor(s) not loaded (no place in the model): {shown}")
+
+
+def header_specs(header: SafetensorsHeader) -> dict[str, TensorSpec]:
+    """Shape and dtype of every tensor in a parsed header."""
+    return {key: TensorSpec(shape=info.shape, dtype=info.dtype) for key, info in header.tensors.items()}
+
+
+def _mapper(model: object) -> WeightMapper:
+    from diffcaps.protocols import require  # protocols imports this package's service
+
+    return require(model, "weight_mapping", WeightMapper)
+
+
+def _model_class(cls: object) -> type[Model[Any]]:
+    from diffcaps.model import Model
+
+    if not (isinstance(cls, type) and issubclass(cls, Model)):
+        raise TypeError(f"load_single_file takes a diffcaps model class, got {cls!r}")
+    return cls
+
+
+def build_on_meta(cls: type[Model[Any]], config: Mapping[str, Any], *, source: str) -> Model[Any]:
+    """The model a config describes, built on the meta device (no memory for weights)."""
+    built = cls.config_class.from_dict(config, source=source)
+    with on_meta_device():
+        return cls(built)
+
+
+def check_against_model(
+    mapper: WeightMapper,
+    plan: MappingPlan,
+    specs: Mapping[str, TensorSpec],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    layout: Literal["original", "diffusers"],
+    prefix: str,
+    label: str,
+    path: str,
+    strict: bool,
+) -> list[str]:
+    """Check names and shapes of a file against a model; return the file keys it does not use.
+
+    ``plan`` maps the file's keys to the model's. Missing tensors and shape mismatches are
+    always errors, named as the file names them; tensors the model has no place for are an
+    error when ``strict``, else they are returned (and the caller warns).
+    """
+    targets = plan.target_specs(specs, path=path)
+    produced = plan.producer()
+    missing = [key for key in expected if key not in targets]
+    unexpected = list(plan.unused) + [
+        source for step in plan.steps if not any(t in expected for t in step.targets) for source in step.sources
+    ]
+    if missing or plan.missing:
+        names = (
+            mapper.original_names(missing, prefix=prefix) if layout == "original"
+            else [prefix + key for key in missing]
+        )
+        raise CheckpointError.key_mismatch(
+            path, missing=[*names, *plan.missing], unexpected=unexpected if strict else ()
+        )
+    if unexpected and strict:
+        error = CheckpointError.key_mismatch(path, unexpected=unexpected)
+        error.args = (f"{error.args[0]} (pass strict=False to load without them)",)
+        raise error
+    for key, (shape, _) in expected.items():
+        if targets[key].shape != shape:
+            sources = ", ".join(f"{s} {list(specs[s].shape)}" for s in produced[key].sources)
+            raise ShapeError(
+                f"{sources} gives {key} of shape {list(targets[key].shape)}; the model built from "
+                f"the {label} config expects {list(shape)}",
+                path=path,
+            )
+    return unexpected
+
+
+def check_identified(
+    mapper: WeightMapper,
+    found: Identification,
+    specs: Mapping[str, TensorSpec],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    path: str,
+    strict: bool,
+) -> list[str]:
+    """:func:`check_against_model` for an identified checkpoint."""
+    return check_against_model(
+        mapper, found.plan, specs, expected, layout=found.layout, prefix=found.prefix,
+        label=f"file's {found.variant.name}", path=path, strict=strict,
+    )
+
+
+def _target_dtype(stored: torch.dtype, model_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if requested is None or not (stored.is_floating_point and model_dtype.is_floating_point):
+        return model_dtype
+    return requested
+
+
+def _by_offset(plan: MappingPlan, header: SafetensorsHeader) -> list[Step]:
+    return sorted(plan.steps, key=lambda step: min(header.tensors[s].start for s in step.sources))
+
+
+def fill_from_file(
+    model: torch.nn.Module,
+    plan: MappingPlan,
+    header: SafetensorsHeader,
+    *,
+    torch_dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> None:
+    """Read every planned tensor the model expects, in file order, into the model.
+
+    A tensor that needs no cast and stays on the CPU is kept as a view of the mapped file
+    (split parts included): no copy is made, and its pages are read when first used. Any
+    other is copied and cast as it lands, and its pages are released.
+    """
+    expected = expected_tensors(model)
+    on_cpu = torch.device(device).type == "cpu"
+    with MappedSafetensors(header.path, header=header) as reader:
+        for step in _by_offset(plan, header):
+            if not any(t in expected for t in step.targets):
+                continue
+            views = [reader.view(key) for key in step.sources]
+            mapped = False
+            for name, tensor in zip(step.targets, step.run(views), strict=True):
+                if name not in expected:
+                    continue
+                dtype = _target_dtype(tensor.dtype, expected[name][1], torch_dtype)
+                if on_cpu and tensor.dtype == dtype and tensor.is_contiguous():
+                    if reader.backs(tensor):
+                        mapped, tensor = True, reader.standalone(tensor)
+                    assign_tensor(model, name, tensor)
+                else:
+                    assign_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            del views
+            if not mapped:
+                for key in step.sources:
+                    reader.release(key)
+
+
+def load_single_file(
+    cls: type[M],
+    path: str | os.PathLike[str],
+    *,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> M:
+    """Load a model from one checkpoint file in its original layout (or in diffusers layout).
+
+    The variant (``flux-dev``, …), the prefix and the config are read from the file's key
+    names and shapes; pass ``variant`` to insist on one. Tensors are cast to ``torch_dtype``
+    as they land (``None``: the model's default, float32), on ``device``. Tensors the model
+    has no place for are an error unless ``strict=False``, which loads without them and
+    warns with an :class:`UnexpectedTensorsWarning`.
+    """
+    mapper = _mapper(cls)
+    model_class = _model_class(cls)
+    where = str(path)
+    header = read_header(path)
+    specs = header_specs(header)
+    found = mapper.identify(specs, variant=variant, path=where)
+    model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})")
+    unexpected = check_identified(mapper, found, specs, expected_tensors(model), path=where, strict=strict)
+    fill_from_file(model, found.plan, header, torch_dtype=torch_dtype, device=device)
+    if unexpected:
+        warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=2)
+    return cast(M, model.eval())  # model_class is cls, narrowed at run time
+
+
+def _state_of(model: object) -> dict[str, Tensor]:
+    if isinstance(model, type) or not isinstance(model, torch.nn.Module):
+        raise TypeError(f"save_single_file takes a model instance, got {model!r}")
+    state: dict[str, Tensor] = model.state_dict()
+    return state
+
+
+def output_plan(
+    mapper: WeightMapper,
+    keys: list[str],
+    layout: Literal["original", "diffusers"],
+    *,
+    prefix: str,
+    where: str,
+) -> MappingPlan:
+    """How model keys become the keys of a file in ``layout`` (every key must have a place)."""
+    if layout == "diffusers":
+        return MappingPlan(steps=tuple(Step((k,), (prefix + k,)) for k in keys))
+    if layout != "original":
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    plan = mapper.plan(keys, "to_original", add=prefix)
+    if plan.unused or plan.missing:
+        raise CheckpointError(
+            f"cannot write the original {mapper.family} layout: "
+            + "; ".join(
+                part for part in (
+                    f"no original name for {', '.join(plan.unused)}" if plan.unused else "",
+                    f"fused tensors lack {', '.join(plan.missing)}" if plan.missing else "",
+                ) if part
+            ),
+            path=where,
+        )
+    return plan
+
+
+def planned_slots(
+    plan: MappingPlan, specs: Mapping[str, TensorSpec], torch_dtype: torch.dtype | None, *, where: str
+) -> list[TensorSlot]:
+    """The output file's tensors, in the order the plan makes them."""
+    targets = plan.target_specs(specs, path=where)
+    return [
+        TensorSlot(key, _out_dtype(targets[key].dtype, torch_dtype), targets[key].shape)
+        for step in plan.steps
+        for key in step.targets
+    ]
+
+
+def aligned(plan: MappingPlan, slots: list[TensorSlot]) -> tuple[MappingPlan, list[TensorSlot]]:
+    """Put wider dtypes first, so that every tensor in the file starts aligned to its width."""
+    width = {slot.key: slot.dtype.itemsize for slot in slots}
+    steps = sorted(plan.steps, key=lambda step: -max(width[t] for t in step.targets))
+    order = {key: i for i, key in enumerate(t for step in steps for t in step.targets)}
+    return attrs.evolve(plan, steps=tuple(steps)), sorted(slots, key=lambda slot: order[slot.key])
+
+
+def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    return requested if requested is not None and stored.is_floating_point else stored
+
+
+def produce(
+    plan: MappingPlan,
+    fetch: Callable[[str], Tensor],
+    torch_dtype: torch.dtype | None,
+    done: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Run the plan step by step, yielding each target tensor (cast to ``torch_dtype``)."""
+    for step in plan.steps:
+        outputs = step.run([fetch(key) for key in step.sources])
+        for key, tensor in zip(step.targets, outputs, strict=True):
+            yield key, tensor.to(_out_dtype(tensor.dtype, torch_dtype))
+        del outputs
+        if done is not None:
+            for key in step.sources:
+                done(key)
+
+
+def save_single_file(
+    model: SupportsWeightMapping,
+    path: str | os.PathLike[str],
+    layout: Literal["original", "diffusers"] = "original",
+    *,
+    prefix: str = "",
+    torch_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a model as one safetensors file, in its original layout (default) or diffusers'.
+
+    ``prefix`` is put before every key (``"model.diffusion_model."`` as some tools expect);
+    ``torch_dtype`` casts floating tensors as they are written (``torch.float8_e4m3fn`` for
+    an fp8 file). Tensors are converted and written one at a time; the file appears under
+    its name only once complete.
+    """
+    mapper = _mapper(model)
+    state = _state_of(model)
+    where = str(path)
+    plan = output_plan(mapper, list(state), layout, prefix=prefix, where=where)
+    specs = {key: TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for key, t in state.items()}
+    plan, slots = aligned(plan, planned_slots(plan, specs, torch_dtype, where=where))
+    return write_safetensors_stream(path, slots, produce(plan, state.__getitem__, torch_dtype))
