@@ -2,7 +2,7 @@
 
 The file is FLUX.1-wide (3072: 24 heads × 128) with a few blocks, written straight to disk
 one tensor at a time (the weights are never all in memory while it is made). Each side then
-loads it in a fresh child process, from a warm page cache, into the file's dtype:
+loads it in a fresh child process, from a warm page cache, into the file's dtype (or ``--load-dtype``):
 
 - diffcaps:  ``weights.load_single_file(FluxTransformer2DModel, path, torch_dtype=...)``
 - diffusers: ``FluxTransformer2DModel.from_single_file(path, config=<local folder>,
@@ -15,6 +15,7 @@ Peak RSS is the child's high-water mark (VmHWM, interpreter and imports included
 beside the file size. Both sides' weights are fingerprinted to check they loaded the same.
 
     python benchmarks/bench_single_file.py [--double 4] [--single 8] [--dtype bfloat16] [--repeats 2]
+                                           [--load-dtype float32]
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--double", type=int, default=4)
     parser.add_argument("--single", type=int, default=8)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                        help="dtype of the file")
+    parser.add_argument("--load-dtype", choices=("bfloat16", "float32", "float16"),
+                        help="dtype to load into (default: the file's; another one makes both sides cast)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", nargs=4, metavar=("LIB", "FILE", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,12 +131,14 @@ def main() -> None:
         path, config_folder = make_file(Path(tmp), args.double, args.single, args.dtype)
         size = path.stat().st_size
         print(f"file: {args.double} double + {args.single} single blocks at width 3072, {args.dtype}, "
-              f"{size / 1e9:.2f} GB (written in {time.perf_counter() - start:.1f} s)")
+              f"{size / 1e9:.2f} GB (written in {time.perf_counter() - start:.1f} s); "
+              f"loaded as {args.load_dtype or args.dtype}")
         runs: dict[str, list[dict[str, Any]]] = {"diffcaps": [], "diffusers": []}
         for _ in range(args.repeats):
             for lib in runs:
                 warm_page_cache(Path(tmp))
-                runs[lib].append(run_child(HERE, ["--child", lib, str(path), str(config_folder), args.dtype]))
+                load_dtype = args.load_dtype or args.dtype
+                runs[lib].append(run_child(HERE, ["--child", lib, str(path), str(config_folder), load_dtype]))
 
     ours, theirs = runs["diffcaps"], runs["diffusers"]
     same = ours[0]["fingerprint"] == theirs[0]["fingerprint"] and ours[0]["weights"] == theirs[0]["weights"]

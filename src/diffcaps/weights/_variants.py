@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol, final
+from typing import Any, Protocol, final
 
 import attrs
 import torch
@@ -287,5 +287,3 @@ class WeightVariant:
                 raise ValueError(f"cannot read {name} ({exc})") from None
         return values
 
-
-EMPTY: Final[Tensors] = {}
