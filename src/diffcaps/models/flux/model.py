@@ -13,12 +13,14 @@ from diffcaps._service import ModuleTypes
 from diffcaps.cache import CacheSupport
 from diffcaps.capabilities import Capabilities
 from diffcaps.config import ModelConfig
+from diffcaps.lora._service import LoRAService
 from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
 from diffcaps.models.flux._context_parallel import FLUX_CONTEXT_PARALLEL
 from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
+from diffcaps.models.flux._lora import FLUX_LORA
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
@@ -41,6 +43,7 @@ class FluxCapabilities(Capabilities):
     repeated_blocks: ModuleTypes = attrs.field(
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
     )
+    lora: LoRAService = attrs.field(default=FLUX_LORA, validator=attrs.validators.instance_of(LoRAService))
     weight_mapping: WeightMapper = attrs.field(
         default=FLUX_WEIGHTS, validator=attrs.validators.instance_of(WeightMapper)
     )

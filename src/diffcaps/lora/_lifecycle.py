@@ -1,0 +1,273 @@
+"""The adapter lifecycle: choose and weight adapters, fuse and unfuse, delete and unload.
+
+Exactness: ``fuse`` computes each fused weight in fp32 (``W + Σ scale·ΔW``, rounded once
+to the weight's dtype) into a *new* parameter and keeps the original parameter object;
+``unfuse`` puts the originals back, so the weights are bit-identical to before in any dtype.
+``unload`` does the same for every parameter an adapter replaced or widened and for the
+model config, then puts each base layer back where its peft layer was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffcaps.errors import LoRAError
+from diffcaps.lora import _peft
+from diffcaps.lora._service import LoRAService
+from diffcaps.lora._state import STATE_ATTR, LoRAState, get_state
+from diffcaps.lora._weights import check_prefixes, weight_for
+from diffcaps.protocols import SupportsLoRA, require
+
+__all__ = [
+    "AdapterWeight",
+    "active_adapters",
+    "delete_adapters",
+    "disable",
+    "enable",
+    "fuse",
+    "list_adapters",
+    "set_adapters",
+    "unfuse",
+    "unload",
+]
+
+AdapterWeight = float | Mapping[str, float]
+"""A weight for a whole adapter, or weights by exact module-path prefix (longest prefix wins, else 1)."""
+
+
+def _module(model: SupportsLoRA) -> nn.Module:
+    require(model, "lora", LoRAService)
+    if not isinstance(model, nn.Module):
+        raise LoRAError("LoRA adapters live on model instances, not on classes")
+    return model
+
+
+def _state(model: SupportsLoRA) -> tuple[nn.Module, LoRAState]:
+    module = _module(model)
+    state = get_state(module)
+    if state is None or not state.adapters:
+        raise LoRAError(f"{type(module).__name__} has no LoRA adapter loaded")
+    return module, state
+
+
+def _names(state: LoRAState, names: str | Sequence[str]) -> list[str]:
+    chosen = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in chosen if n not in state.adapters]
+    if unknown:
+        raise LoRAError(f"no adapter named {', '.join(map(repr, unknown))} is loaded "
+                        f"(loaded: {', '.join(state.adapters)})")
+    return chosen
+
+
+def _not_fused(state: LoRAState, doing: str) -> None:
+    if state.fused:
+        raise LoRAError(f"cannot {doing} while adapters {state.fused_adapters} are fused; call lora.unfuse first")
+
+
+def list_adapters(model: SupportsLoRA) -> tuple[str, ...]:
+    """The names of the loaded adapters, in load order."""
+    state = get_state(_module(model))
+    return tuple(state.adapters) if state is not None else ()
+
+
+def active_adapters(model: SupportsLoRA) -> tuple[str, ...]:
+    """The adapters that currently act on the output (none while adapters are disabled)."""
+    state = get_state(_module(model))
+    if state is None or not state.enabled:
+        return ()
+    return tuple(state.active)
+
+
+def set_adapters(
+    model: SupportsLoRA,
+    names: str | Sequence[str],
+    weights: AdapterWeight | Sequence[AdapterWeight | None] | None = None,
+) -> None:
+    """Make exactly ``names`` active, each with its weight (default 1).
+
+    A weight is a number or a mapping from exact module-path prefixes to numbers:
+    ``{"transformer_blocks.1": 0.5}`` scales ``transformer_blocks.1.*`` only (not
+    ``transformer_blocks.10`` nor ``single_transformer_blocks.1``); the longest matching prefix
+    wins and unmatched modules keep weight 1. A prefix that names no module is an error.
+    """
+    module, state = _state(model)
+    chosen = _names(state, names)
+    _not_fused(state, "change adapter weights")
+    if weights is None or isinstance(weights, (int, float, Mapping)):
+        per_adapter: list[AdapterWeight | None] = [weights] * len(chosen)
+    else:
+        per_adapter = list(weights)
+    if len(per_adapter) != len(chosen):
+        raise LoRAError(f"{len(chosen)} adapter(s) but {len(per_adapter)} weight(s)")
+    paths = [name for name, _ in module.named_modules()]
+    resolved: dict[str, float | dict[str, float]] = {}
+    for name, weight in zip(chosen, per_adapter):
+        value: AdapterWeight = 1.0 if weight is None else weight
+        check_prefixes(value, paths, name)
+        resolved[name] = dict(value) if isinstance(value, Mapping) else float(value)
+    for name, value in resolved.items():
+        for path in state.adapters[name].targets:
+            _peft.set_weight(_peft.layer_at(module, path), name, weight_for(value, path))
+    for path in state.layers():
+        _peft.layer_at(module, path).set_adapter(list(chosen))
+        if not state.enabled:
+            _peft.layer_at(module, path).enable_adapters(False)
+    state.active = list(chosen)
+    state.weights.update(resolved)
+
+
+def _enable(model: SupportsLoRA, enabled: bool) -> None:
+    module, state = _state(model)
+    _not_fused(state, "enable or disable adapters")
+    for path in state.layers():
+        layer = _peft.layer_at(module, path)
+        layer.enable_adapters(enabled)
+        if enabled:
+            layer.set_adapter(list(state.active))
+    state.enabled = enabled
+
+
+def enable(model: SupportsLoRA) -> None:
+    """Let the active adapters act again after :func:`disable`."""
+    _enable(model, True)
+
+
+def disable(model: SupportsLoRA) -> None:
+    """Stop every adapter layer from acting (the adapters stay loaded; parameter patches stay in place)."""
+    _enable(model, False)
+
+
+def fuse(model: SupportsLoRA, adapter_names: Sequence[str] | None = None, scale: float = 1.0) -> None:
+    """Fold adapters (default: the active ones) into the base weights, each at ``scale`` × its weight.
+
+    Each fused weight is computed in fp32 and rounded once; the original parameters are kept,
+    so :func:`unfuse` restores them bit for bit. Fusing again adds further adapters.
+    """
+    module, state = _state(model)
+    if not state.enabled:
+        raise LoRAError("adapters are disabled; enable them before fusing")
+    names = _names(state, list(adapter_names) if adapter_names is not None else list(state.active))
+    twice = [n for n in names if n in state.fused_adapters]
+    if twice:
+        raise LoRAError(f"adapters {twice} are already fused")
+    paths = sorted({path for name in names for path in state.adapters[name].targets})
+    with torch.no_grad():
+        for path in paths:
+            _fuse_layer(module, state, path, names, scale)
+    state.fused_adapters.extend(names)
+
+
+def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str], scale: float) -> None:
+    layer = _peft.layer_at(module, path)
+    present = [n for n in names if n in _peft.adapters_of(layer)]
+    base: Any = layer.base_layer
+    weight: nn.Parameter = base.weight
+    bias: nn.Parameter | None = base.bias
+    total = weight.detach().float()
+    bias_total = bias.detach().float() if bias is not None else None
+    for name in present:
+        delta, delta_bias = _peft.delta(layer, name)
+        total = total + scale * delta.to(total.device)
+        if delta_bias is not None and bias_total is not None:
+            bias_total = bias_total + scale * delta_bias.to(bias_total.device)
+    state.fused.setdefault(path, (weight, bias))
+    base._parameters["weight"] = nn.Parameter(total.to(weight.dtype), requires_grad=weight.requires_grad)
+    if bias is not None and bias_total is not None:
+        base._parameters["bias"] = nn.Parameter(bias_total.to(bias.dtype), requires_grad=bias.requires_grad)
+    layer.merged_adapters.extend(present)
+
+
+def unfuse(model: SupportsLoRA) -> None:
+    """Put back the exact base weights a fuse replaced (no-op if nothing is fused)."""
+    module = _module(model)
+    state = get_state(module)
+    if state is None:
+        return
+    for path, (weight, bias) in state.fused.items():
+        layer = _peft.layer_at(module, path)
+        base = layer.base_layer
+        base._parameters["weight"] = weight
+        if bias is not None:
+            base._parameters["bias"] = bias
+        layer.merged_adapters.clear()
+    state.fused.clear()
+    state.fused_adapters.clear()
+
+
+def delete_adapters(model: SupportsLoRA, names: str | Sequence[str]) -> None:
+    """Remove these adapters and undo what they changed; the last one out restores the model exactly."""
+    module, state = _state(model)
+    chosen = _names(state, names)
+    fused = [n for n in chosen if n in state.fused_adapters]
+    if fused:
+        raise LoRAError(f"adapters {fused} are fused; call lora.unfuse before deleting them")
+    if set(chosen) >= set(state.adapters):
+        unload(model)
+        return
+    for name in chosen:
+        _delete_one(module, state, name)
+    remaining = [n for n in state.active if n in state.adapters]
+    for path in state.layers():
+        _peft.layer_at(module, path).set_adapter(remaining)
+        if not state.enabled:
+            _peft.layer_at(module, path).enable_adapters(False)
+    state.active = remaining
+
+
+def _delete_one(module: nn.Module, state: LoRAState, name: str) -> None:
+    record = state.adapters.pop(name)
+    later = [p for other in state.adapters.values() for p in other.patches]
+    for patch in reversed(record.patches):
+        if patch.owner._parameters.get(patch.name) is patch.installed:
+            patch.owner._parameters[patch.name] = patch.original
+        else:  # a later adapter replaced the same parameter: it now restores this one's original
+            for other in later:
+                if other.original is patch.installed:
+                    other.original = patch.original
+    for widening in reversed(record.widenings):
+        heir = next((o for o in state.adapters.values() if widening.path in o.targets), None)
+        if heir is not None:
+            heir.widenings.append(widening)
+        else:
+            _restore_widening(module, widening)
+    for path in record.targets:
+        layer = _peft.layer_at(module, path)
+        layer.delete_adapter(name)
+        if not _peft.adapters_of(layer):
+            _peft.unwrap(module, path)
+    configs: Any = getattr(module, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(name, None)
+    state.weights.pop(name, None)
+
+
+def _restore_widening(module: nn.Module, widening: Any) -> None:
+    widening.module._parameters["weight"] = widening.original_weight
+    widening.module.in_features = widening.original_in_features
+    if widening.original_config is not None:
+        module.config = widening.original_config
+
+
+def unload(model: SupportsLoRA) -> None:
+    """Remove every adapter and restore the model exactly: weights, module tree, config, flags."""
+    module = _module(model)
+    state = get_state(module)
+    if state is None:
+        return
+    unfuse(model)
+    records = list(state.adapters.values())
+    for record in reversed(records):
+        for patch in reversed(record.patches):
+            patch.owner._parameters[patch.name] = patch.original
+        for widening in reversed(record.widenings):
+            _restore_widening(module, widening)
+    for path in state.layers():
+        _peft.unwrap(module, path)
+    module.__dict__.pop("peft_config", None)
+    for param, flag in state.requires_grad:
+        param.requires_grad_(flag)
+    del module.__dict__[STATE_ATTR]

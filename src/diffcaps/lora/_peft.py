@@ -1,0 +1,254 @@
+"""The one place diffcaps talks to peft: building configs, injecting layers, reading their updates.
+
+peft is imported here, on first use. Its layers are reached through :class:`PeftLayer`,
+the few members diffcaps relies on, so the rest of the package stays typed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
+
+import torch
+from torch import Tensor, nn
+
+from diffcaps.errors import LoRAError
+from diffcaps.lora._service import LoHaWeights, LoKrWeights, LoRAWeights, TargetWeights
+
+__all__ = ["PeftLayer", "delta", "inject", "kind_of", "layer_at", "pad_lora", "set_weight", "unwrap"]
+
+
+class PeftLayer(Protocol):
+    """The members of a peft tuner layer that diffcaps uses."""
+
+    base_layer: nn.Module
+    merged_adapters: list[str]
+    scaling: dict[str, Any]
+    r: dict[str, int]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None: ...
+    def delete_adapter(self, adapter_name: str) -> None: ...
+    def enable_adapters(self, enabled: bool) -> None: ...
+
+
+def layer_at(model: nn.Module, path: str) -> PeftLayer:
+    """The peft layer at ``path``."""
+    module = model.get_submodule(path)
+    if not (hasattr(module, "base_layer") and hasattr(module, "merged_adapters")):
+        raise LoRAError(f"{path} carries no peft layer")
+    return cast(PeftLayer, module)
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft tuner layer."""
+    return hasattr(module, "base_layer") and hasattr(module, "merged_adapters")
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The module itself, or the base layer a peft layer wraps."""
+    while is_peft_layer(module):
+        module = cast(PeftLayer, module).base_layer
+    return module
+
+
+def kind_of(layer: PeftLayer) -> str:
+    """``lora``, ``lokr`` or ``loha``."""
+    if hasattr(layer, "lora_A"):
+        return "lora"
+    if hasattr(layer, "lokr_w1"):
+        return "lokr"
+    return "loha"
+
+
+def _exact(path: str) -> str:
+    return "^" + re.escape(path)
+
+
+def _patterns(values: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {_exact(path): v for path, v in values.items() if v != common}
+
+
+def pad_lora(w: LoRAWeights, rank: int) -> LoRAWeights:
+    """The same update at a higher rank (zero rows in down, zero columns in up)."""
+    if rank == w.rank:
+        return w
+    down = torch.zeros(rank, w.down.shape[1], dtype=w.down.dtype)
+    up = torch.zeros(w.up.shape[0], rank, dtype=w.up.dtype)
+    down[: w.rank] = w.down
+    up[:, : w.rank] = w.up
+    return LoRAWeights(down=down, up=up, scale=w.scale, bias=w.bias)
+
+
+def rank_error(path: str, rank: int, limit: int) -> LoRAError:
+    """The error for an adapter whose rank exceeds the rank hotswapping padded to."""
+    return LoRAError(f"{path}: rank {rank} exceeds the hotswap rank {limit}; call "
+                     "lora.enable_hotswap(model, max_rank=...) with a larger rank before the first load")
+
+
+def _config(kind: str, targets: Mapping[str, TargetWeights]) -> Any:
+    import peft
+
+    regex = "^(?:" + "|".join(re.escape(path) for path in targets) + ")$"
+    ranks = {path: w.rank for path, w in targets.items()}
+    alphas = {path: w.scale * w.rank for path, w in targets.items()}
+    r, rank_pattern = _patterns({k: float(v) for k, v in ranks.items()})
+    alpha, alpha_pattern = _patterns(alphas)
+    common: dict[str, Any] = dict(
+        r=int(r), rank_pattern={k: int(v) for k, v in rank_pattern.items()}, alpha_pattern=alpha_pattern,
+        target_modules=regex,
+    )
+    if kind == "lora":
+        has_bias = any(isinstance(w, LoRAWeights) and w.bias is not None for w in targets.values())
+        return peft.LoraConfig(lora_alpha=alpha, lora_bias=has_bias, init_lora_weights=False, **common)
+    if kind == "lokr":
+        return peft.LoKrConfig(alpha=alpha, init_weights=False, **common)
+    return peft.LoHaConfig(alpha=alpha, init_weights=False, **common)
+
+
+def _placed(tensor: Tensor, like: Tensor, seen: set[int]) -> Tensor:
+    out = tensor.to(device=like.device, dtype=like.dtype)
+    if id(out) in seen or not out.is_contiguous():
+        out = out.contiguous() if not out.is_contiguous() else out.clone()
+    seen.add(id(out))
+    return out
+
+
+def inject(model: nn.Module, name: str, targets: Mapping[str, TargetWeights]) -> None:
+    """Add adapter ``name`` to ``model`` as peft layers holding these weights.
+
+    Layers are created on the meta device and then given the file's tensors, cast to each
+    base layer's dtype and device; peft computes each module's scale as ``alpha / r`` from the
+    per-module ``rank_pattern``/``alpha_pattern``.
+    """
+    import peft
+
+    kinds = {w.kind for w in targets.values()}
+    if len(kinds) != 1:
+        raise LoRAError(f"adapter {name!r} mixes {sorted(kinds)} updates; peft holds one kind per adapter")
+    kind = kinds.pop()
+    weights = {path: _weight_of(model, path) for path in targets}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.inject_adapter_in_model(_config(kind, targets), model, adapter_name=name, low_cpu_mem_usage=True)
+    seen: set[int] = set()
+    if kind == "lora":
+        state: dict[str, Tensor] = {}
+        for path, w in targets.items():
+            assert isinstance(w, LoRAWeights)
+            like = weights[path]
+            state[f"{path}.lora_A.weight"] = _placed(w.down, like, seen)
+            state[f"{path}.lora_B.weight"] = _placed(w.up, like, seen)
+            if _config_has_bias(model, name):
+                bias = w.bias if w.bias is not None else torch.zeros(w.up.shape[0])
+                state[f"{path}.lora_B.bias"] = _placed(bias, like, seen)
+        result = peft.set_peft_model_state_dict(model, state, adapter_name=name, low_cpu_mem_usage=True)
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise LoRAError(f"peft did not place {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+        return
+    for path, w in targets.items():
+        _assign_lycoris(cast(Any, model.get_submodule(path)), name, w, weights[path], seen)
+
+
+def _weight_of(model: nn.Module, path: str) -> Tensor:
+    weight = base_linear(model.get_submodule(path)).weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+def _config_has_bias(model: nn.Module, name: str) -> bool:
+    configs: Any = getattr(model, "peft_config", {})
+    return bool(getattr(configs.get(name), "lora_bias", False))
+
+
+def _assign_lycoris(layer: Any, name: str, w: TargetWeights, like: Tensor, seen: set[int]) -> None:
+    if isinstance(w, LoKrWeights):
+        factors: dict[str, Tensor] = {}
+        for label, factor in (("lokr_w1", w.w1), ("lokr_w2", w.w2)):
+            if isinstance(factor, tuple):
+                factors[f"{label}_a"], factors[f"{label}_b"] = factor
+            else:
+                factors[label] = factor
+    else:
+        assert isinstance(w, LoHaWeights)
+        factors = {"hada_w1_a": w.w1_a, "hada_w1_b": w.w1_b, "hada_w2_a": w.w2_a, "hada_w2_b": w.w2_b}
+    for container in layer.adapter_layer_names:
+        table = getattr(layer, container)
+        if name in table:
+            del table[name]
+    for label, tensor in factors.items():
+        getattr(layer, label)[name] = nn.Parameter(_placed(tensor, like, seen), requires_grad=False)
+
+
+def unwrap(model: nn.Module, path: str) -> None:
+    """Put the base layer back in place of the peft layer at ``path``."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    parent._modules[child] = base_linear(parent._modules[child] or nn.Identity())
+
+
+def _scaling(layer: Any, name: str) -> float:
+    value = layer.scaling[name]
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def delta(layer: PeftLayer, name: str) -> tuple[Tensor, Tensor | None]:
+    """Adapter ``name``'s update of the layer's weight (and bias), at its current scale, in fp32."""
+    any_layer: Any = layer
+    s = _scaling(layer, name)
+    kind = kind_of(layer)
+    if kind == "lora":
+        a = any_layer.lora_A[name].weight.float()
+        b_module = any_layer.lora_B[name]
+        bias = b_module.bias.float() * s if getattr(b_module, "bias", None) is not None else None
+        return s * (b_module.weight.float() @ a), bias
+    if kind == "lokr":
+        w1 = _factor(any_layer, "lokr_w1", name)
+        w2 = _factor(any_layer, "lokr_w2", name)
+        return s * torch.kron(w1, w2), None
+    w1 = any_layer.hada_w1_a[name].float() @ any_layer.hada_w1_b[name].float()
+    w2 = any_layer.hada_w2_a[name].float() @ any_layer.hada_w2_b[name].float()
+    return s * (w1 * w2), None
+
+
+def _factor(layer: Any, label: str, name: str) -> Tensor:
+    if name in getattr(layer, label):
+        factor: Tensor = getattr(layer, label)[name].float()
+        return factor
+    product: Tensor = getattr(layer, f"{label}_a")[name].float() @ getattr(layer, f"{label}_b")[name].float()
+    return product
+
+
+def unit_scale(layer: PeftLayer, name: str) -> float:
+    """The layer's scale for ``name`` at adapter weight 1 (``alpha / r``)."""
+    any_layer: Any = layer
+    alpha = any_layer.lora_alpha[name] if hasattr(any_layer, "lora_alpha") else any_layer.alpha[name]
+    return float(alpha) / float(layer.r[name])
+
+
+def set_weight(layer: PeftLayer, name: str, weight: float) -> None:
+    """Set adapter ``name``'s scale on this layer to ``weight · alpha / r`` (in place if it is a tensor)."""
+    value = weight * unit_scale(layer, name)
+    current = layer.scaling.get(name)
+    if isinstance(current, Tensor):
+        current.fill_(value)
+    else:
+        layer.scaling[name] = value
+
+
+def adapters_of(layer: PeftLayer) -> set[str]:
+    """The adapter names this layer holds."""
+    any_layer: Any = layer
+    names: set[str] = set()
+    for container in any_layer.adapter_layer_names:
+        names.update(getattr(any_layer, container).keys())
+    return names
+
+
+def all_layers(model: nn.Module, paths: Iterable[str]) -> list[tuple[str, PeftLayer]]:
+    """(path, layer) for these paths."""
+    return [(path, layer_at(model, path)) for path in paths]
