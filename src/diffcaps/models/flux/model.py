@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from diffcaps._service import ModuleTypes
 from diffcaps.cache import CacheSupport
 from diffcaps.capabilities import Capabilities
+from diffcaps.casting import LayerwiseCasting
+from diffcaps.checkpointing import GradientCheckpointing
 from diffcaps.config import ModelConfig
 from diffcaps.lora._service import LoRAService
 from diffcaps.model import Model
@@ -24,6 +26,7 @@ from diffcaps.models.flux._lora import FLUX_LORA
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
+from diffcaps.offload import GroupOffloading
 from diffcaps.parallel import ContextParallelPlan
 from diffcaps.weights import WeightMapper
 
@@ -44,6 +47,18 @@ class FluxCapabilities(Capabilities):
         default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
     )
     lora: LoRAService = attrs.field(default=FLUX_LORA, validator=attrs.validators.instance_of(LoRAService))
+    gradient_checkpointing: GradientCheckpointing = attrs.field(
+        default=GradientCheckpointing(blocks=FLUX_BLOCKS),
+        validator=attrs.validators.instance_of(GradientCheckpointing),
+    )
+    group_offloading: GroupOffloading = attrs.field(
+        default=GroupOffloading(block_lists=("transformer_blocks", "single_transformer_blocks")),
+        validator=attrs.validators.instance_of(GroupOffloading),
+    )
+    layerwise_casting: LayerwiseCasting = attrs.field(
+        default=LayerwiseCasting(skip_patterns=("pos_embed", "norm")),
+        validator=attrs.validators.instance_of(LayerwiseCasting),
+    )
     weight_mapping: WeightMapper = attrs.field(
         default=FLUX_WEIGHTS, validator=attrs.validators.instance_of(WeightMapper)
     )
@@ -51,7 +66,6 @@ class FluxCapabilities(Capabilities):
     context_parallel: ContextParallelPlan = attrs.field(
         default=FLUX_CONTEXT_PARALLEL, validator=attrs.validators.instance_of(ContextParallelPlan)
     )
-
     ip_adapter: FluxIPAdapter = attrs.field(
         default=FLUX_IP_ADAPTER, validator=attrs.validators.instance_of(FluxIPAdapter)
     )
