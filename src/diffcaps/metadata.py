@@ -17,6 +17,20 @@ METADATA_TYPE: Final = "diffcaps.ModelMetadata"
 METADATA_VERSION: Final = 1
 _RULE_WIDTH: Final = 72
 _NO_ENTRIES: Final = "supported"
+_LINE_WIDTH: Final = 100
+
+
+def _wrap_entries(entries: Iterable[str], width: int) -> list[str]:
+    """Comma-joined entries, broken between entries (never inside one) to fit ``width``."""
+    lines: list[str] = []
+    for entry in entries:
+        if lines and len(lines[-1]) + 2 + len(entry) + 1 <= width:
+            lines[-1] += f", {entry}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(entry)
+    return lines
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
@@ -105,10 +119,12 @@ class ModelMetadata(Mapping[str, CapabilityRow]):
         lines = [f"{bold}{self.model} capabilities{reset}", "─" * _RULE_WIDTH]
         if not self.rows:
             lines.append("  (no capabilities declared)")
+        pad = " " * (width + 5)
         for name, row in self.rows.items():
-            lines.append(f"  {name.ljust(width)}   {row.value}")
+            wrapped = _wrap_entries(row.entries, _LINE_WIDTH - len(pad)) or [row.value]
+            lines.append(f"  {name.ljust(width)}   {wrapped[0]}")
+            lines.extend(pad + more for more in wrapped[1:])
             if verbose:
-                pad = " " * (width + 5)
                 lines.append(f"{pad}{dim}{row.description}{reset}")
                 lines.append(f"{pad}{dim}{row.docs}{reset}")
         return "\n".join(lines)
