@@ -98,8 +98,10 @@ class DiffusersIPAdapter:
 
 
 def model_snapshot(model: FluxTransformer2DModel) -> dict[str, Any]:
-    """Everything ``unload`` must restore: state dict (keys, values, dtypes), module tree, instance attributes."""
+    """Everything ``unload`` must restore: state dict (keys, values, dtypes), module tree, instance attributes,
+    ``requires_grad`` flags."""
     return {
+        "grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
         "state": {name: (t.dtype, t.shape, t.clone()) for name, t in model.state_dict().items()},
         "tree": [(name, type(m).__name__, tuple(m._modules), tuple(sorted(vars(m))), m.training)
                  for name, m in model.named_modules()],
@@ -109,6 +111,7 @@ def model_snapshot(model: FluxTransformer2DModel) -> dict[str, Any]:
 def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
     """Bit-identical state and the same module tree."""
     assert after["tree"] == before["tree"]
+    assert after["grad"] == before["grad"]
     assert after["state"].keys() == before["state"].keys()
     for name, (dtype, shape, tensor) in before["state"].items():
         a_dtype, a_shape, a_tensor = after["state"][name]
