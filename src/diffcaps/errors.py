@@ -12,12 +12,18 @@ from os import PathLike
 __all__ = [
     "CacheError",
     "CapabilityError",
+    "CastingError",
     "CheckpointError",
     "ConfigError",
     "ContextError",
     "DiffcapsError",
     "FormatError",
     "HookError",
+    "IPAdapterError",
+    "LoRAError",
+    "OffloadError",
+    "ParallelError",
+    "RankFailure",
     "ShapeError",
 ]
 
