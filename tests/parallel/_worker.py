@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from diffcaps.cache import FirstBlockCacheConfig
 from diffcaps.errors import CapabilityError, ParallelError, RankFailure
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.parallel import current, disable, enable_context_parallel
@@ -74,16 +75,67 @@ FOUR_RANKS: dict[str, Case] = {
 }
 
 
-def add_lora(model: nn.Module, seed: int = 7) -> None:
-    """Inject a peft LoRA adapter with seeded, non-zero weights (so it changes the output)."""
-    from peft import LoraConfig, inject_adapter_in_model
+CACHE_STEPS = 5
+CACHE_CASES: dict[str, tuple[Case, str, str]] = {
+    # name: (case, cache kind, whether the cache is enabled before or after context parallelism)
+    "mag-cache-ring": (Case(ring=2, height=3, width=3, text=5), "mag", "before"),
+    "pyramid-broadcast-ulysses": (Case(ulysses=2, height=3, width=3, text=5), "pab", "after"),
+    "taylorseer-ulysses-lora": (Case(ulysses=2, height=4, width=3, text=5, lora=True), "taylorseer", "after"),
+}
 
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS)), model)
-    generator = torch.Generator().manual_seed(seed)
+
+def cache_config(kind: str) -> Any:
+    """A cache config that skips work on a 5-step schedule."""
+    from diffcaps.cache import MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    if kind == "mag":
+        return MagCacheConfig(threshold=1.0, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=CACHE_STEPS,
+                              mag_ratios=(1.0,) * CACHE_STEPS)
+    if kind == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                               spatial_attention_timestep_skip_range=(-1, 1001))
+    return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32)
+
+
+def cached_steps(model: FluxTransformer2DModel, case: Case, kind: str,
+                 parallel: Callable[[], object] | None = None, order: str = "before") -> dict[str, Any]:
+    """Outputs of a 5-step denoising loop with a cache, and how many block runs it skipped."""
+    from diffcaps import cache
+
+    inputs = case_inputs(case)
+    if parallel is not None and order == "after":
+        parallel()
+    cache.enable(model, cache_config(kind))
+    if parallel is not None and order == "before":
+        parallel()
+    outputs = []
     with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+        for step in range(CACHE_STEPS):
+            timestep = 900.0 - 200.0 * step
+            inputs["timestep"] = torch.full((case.batch,), timestep / 1000)
+            with cache.context(model, "cond", timestep=timestep):
+                outputs.append(model(**inputs).sample)
+    stats = cache.stats(model)
+    cache.disable(model)
+    return {"outputs": outputs, "computed": stats.computed(), "skipped": stats.skipped()}
+
+
+def lora_file(model: nn.Module, seed: int = 7, rank: int = 4) -> dict[str, Tensor]:
+    """A diffusers/PEFT-layout LoRA with seeded, non-zero weights on every targeted linear."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and name.endswith(LORA_TARGETS):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.2
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.2
+    return tensors
+
+
+def add_lora(model: FluxTransformer2DModel, seed: int = 7) -> None:
+    """Load a seeded LoRA through ``diffcaps.lora`` (real peft layers)."""
+    from diffcaps import lora
+
+    lora.load_adapter(model, lora_file(model, seed), adapter_name="cp-test")
 
 
 def build_model(case: Case) -> FluxTransformer2DModel:
@@ -152,6 +204,18 @@ def _run_case(case: Case, models: dict[tuple[str, bool], FluxTransformer2DModel]
             "position": None if config is None else config.position}
 
 
+def _cache_checks(rank: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, (case, kind, order) in CACHE_CASES.items():
+        model = build_model(case)
+
+        def parallel(model: FluxTransformer2DModel = model, case: Case = case) -> None:
+            enable_context_parallel(model, ulysses_degree=case.ulysses, ring_degree=case.ring, timeout=60)
+        results[name] = cached_steps(model, case, kind, parallel, order)
+        disable(model)
+    return results
+
+
 def _expect(kind: type[BaseException], call: Callable[[], object]) -> str:
     try:
         call()
@@ -178,7 +242,18 @@ def _bad_input_checks(rank: int) -> dict[str, Any]:
         checks["bad-timeout"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
                                                                                        timeout=0))
         checks["unchanged"] = current(model) is None and not model.__dict__.get("_diffcaps_hooks")
+    if rank == 0:
+        from diffcaps import cache
+
+        cache.enable(model, FirstBlockCacheConfig(threshold=0.1))
+        checks["first-block-cache"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
+        cache.disable(model)
     enable_context_parallel(model, ulysses_degree=2, timeout=60)
+    if rank == 0:
+        cache.enable(model, FirstBlockCacheConfig(threshold=0.1))
+        with torch.no_grad():
+            checks["first-block-cache-later"] = _expect(ParallelError, lambda: model(**inputs))
+        cache.disable(model)
     checks["enable-twice"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
     if rank == 0:
         checks["grad-enabled"] = _expect(ParallelError, lambda: model(**{**inputs, "hidden_states":
@@ -256,8 +331,8 @@ def run_rank(rank: int, world: int, port: int, out_dir: str, suite: str) -> None
         except Exception:  # reported to the parent, which fails that case's test
             results[name] = {"error": traceback.format_exc()}
     if suite == "two":
-        for name, checks in (("misuse", _bad_input_checks), ("failure", _failure_checks),
-                             ("stall", _stall_checks)):
+        for name, checks in (("misuse", _bad_input_checks), ("cache", _cache_checks),
+                             ("failure", _failure_checks), ("stall", _stall_checks)):
             try:
                 results[name] = checks(rank)
             except Exception:

@@ -18,8 +18,8 @@ import torch
 from diffcaps.errors import ParallelError
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.parallel import current, disable, enable_context_parallel
-from tests.parallel._worker import FOUR_RANKS, TWO_RANKS, Case, build_model, case_inputs, free_port, reference, \
-    run_rank
+from tests.parallel._worker import CACHE_CASES, FOUR_RANKS, TWO_RANKS, Case, build_model, cached_steps, case_inputs, \
+    free_port, reference, run_rank
 
 TOLERANCE = 1e-5
 SPAWN_DEADLINE = 150.0
@@ -93,6 +93,8 @@ def test_misuse_is_refused_before_any_communication(two_ranks: list[dict[str, An
     assert rank0["grad-enabled"].startswith("ok:") and "no_grad" in rank0["grad-enabled"]
     assert rank0["too-short"].startswith("ok:") and "fewer than the 2 ranks" in rank0["too-short"]
     assert rank0["stream-mismatch"].startswith("ok:") and "img_ids" in rank0["stream-mismatch"]
+    for key in ("first-block-cache", "first-block-cache-later"):
+        assert rank0[key].startswith("ok: First Block Cache decides from each rank's own shard"), rank0[key]
     expected = reference(Case(ulysses=2, height=3, width=3, text=5))
     for rank, results in enumerate(two_ranks):
         checks = results["misuse"]
@@ -101,6 +103,19 @@ def test_misuse_is_refused_before_any_communication(two_ranks: list[dict[str, An
         # rank 0's refused calls sent nothing: the next call on both ranks still lines up
         torch.testing.assert_close(checks["after-misuse"], expected, rtol=0, atol=TOLERANCE)
         assert checks["disable-again"] is None
+
+
+@pytest.mark.parametrize("name", list(CACHE_CASES))
+def test_caches_decide_alike_on_every_rank(two_ranks: list[dict[str, Any]], name: str) -> None:
+    case, kind, _ = CACHE_CASES[name]
+    expected = cached_steps(build_model(case), case, kind)
+    assert expected["skipped"] > 0, "the schedule must skip work for this test to mean anything"
+    for rank, results in enumerate(two_ranks):
+        assert "error" not in results["cache"], results["cache"].get("error")
+        got = results["cache"][name]
+        assert (got["computed"], got["skipped"]) == (expected["computed"], expected["skipped"]), f"rank {rank}"
+        for step, (out, ref) in enumerate(zip(got["outputs"], expected["outputs"], strict=True)):
+            torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE, msg=f"rank {rank}, step {step}")
 
 
 def test_a_failing_rank_is_named_by_the_others(two_ranks: list[dict[str, Any]]) -> None:

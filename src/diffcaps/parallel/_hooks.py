@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +15,33 @@ from diffcaps.parallel._layout import Layout, shard_sizes
 from diffcaps.parallel._service import GatherOutput, SplitInput
 from diffcaps.parallel._session import Session
 
-__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "SplitHook"]
+if TYPE_CHECKING:
+    from diffcaps.protocols import SupportsCache
+
+__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "SplitHook", "refuse_data_dependent_cache"]
 
 SPLIT_HOOK: Final = "diffcaps.parallel.split"
 GATHER_HOOK: Final = "diffcaps.parallel.gather"
+
+
+def refuse_data_dependent_cache(module: nn.Module) -> None:
+    """Raise if ``module`` runs a cache whose skip decisions depend on each rank's own data.
+
+    First Block Cache compares the first block's residual with the previous step's: on a
+    shard, each rank would measure its own change and could decide differently from the
+    others, and a rank that skips the remaining blocks leaves the others waiting in attention.
+    The decision-by-schedule caches (MagCache, Pyramid Attention Broadcast, FasterCache,
+    TaylorSeer) decide alike on every rank and are fine.
+    """
+    from diffcaps.cache import FirstBlockCacheConfig, current
+
+    config = current(cast("SupportsCache", module))
+    if isinstance(config, FirstBlockCacheConfig):
+        raise ParallelError(
+            "First Block Cache decides from each rank's own shard, so ranks could disagree on which blocks "
+            "to skip; with context parallelism use MagCache, Pyramid Attention Broadcast, FasterCache or "
+            "TaylorSeer, whose decisions follow the step schedule and agree on every rank"
+        )
 
 
 def _grad_needed(module: nn.Module, values: Mapping[str, Any]) -> bool:
@@ -44,6 +67,7 @@ class SplitHook(Hook):
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         session.check_usable()
+        refuse_data_dependent_cache(module)
         for name, gathered in session.gathered:
             if module.get_submodule(name) is not gathered:
                 raise ParallelError(
