@@ -17,6 +17,7 @@ from diffcaps.hooks import (
     Hook,
     StateContext,
     add_hook,
+    eager,
     get_hook,
     hook_names,
     hooked_modules,
@@ -198,6 +199,21 @@ def test_hooks_do_not_touch_parameters_or_state_dict() -> None:
     assert linear.state_dict().keys() == before.keys()
     assert all(torch.equal(linear.state_dict()[k], v) for k, v in before.items())
     assert torch.equal(linear(torch.zeros(3)), linear.bias.detach() + 1)
+
+
+def test_eager_runs_plainly_and_breaks_the_graph_under_compile() -> None:
+    calls: list[int] = []
+
+    @eager
+    def count(x: Tensor) -> Tensor:
+        calls.append(int(x.sum().item()))  # host-side work a graph could not hold
+        return x + len(calls)
+
+    assert torch.equal(count(torch.ones(1)), torch.full((1,), 2.0))
+    compiled = torch.compile(lambda x: count(x * 2) * 3, backend="eager")
+    assert torch.equal(compiled(torch.ones(1)), torch.full((1,), 12.0))  # (2 + 2) * 3
+    assert torch.equal(compiled(torch.ones(1)), torch.full((1,), 15.0))  # the counter ran again, not traced
+    assert calls == [1, 2, 2]
 
 
 def test_public_names() -> None:

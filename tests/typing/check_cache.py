@@ -23,7 +23,7 @@ from diffcaps.cache import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
-from diffcaps.hooks import ContextualState, Forward, Hook, StateContext, add_hook, get_hook, remove_hook
+from diffcaps.hooks import ContextualState, Forward, Hook, StateContext, add_hook, eager, get_hook, remove_hook
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.protocols import SupportsCache, supports_cache
 from tests.custom_model import TinyDiT, TinyDiTConfig
@@ -91,3 +91,12 @@ context = StateContext(default="default")
 counts: ContextualState[dict[str, int]] = ContextualState(dict, context)
 assert_type(counts.get(), dict[str, int])
 assert_type(context.current, str)
+
+
+@eager
+def decide(step: int, *, threshold: float) -> bool:
+    return step > threshold
+
+
+assert_type(decide(3, threshold=0.5), bool)
+decide("3", threshold=0.5)  # type: ignore[arg-type]

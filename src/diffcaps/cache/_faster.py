@@ -30,7 +30,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import Placement, attention_modules, batch_size, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook
+from diffcaps.hooks import ContextualState, Forward, Hook, eager
 
 __all__ = ["UNCONDITIONAL_GROUP", "plan_faster_cache"]
 
@@ -105,7 +105,7 @@ class _Attention(Hook):
             return half(output)
         return tuple(half(value) for value in output)
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a host-side decision: a graph break
+    @eager  # a host-side decision: a graph break
     def _decide(self, state: _AttentionState, batch: int) -> bool:
         timestep = self.timestep()
         skip = self.low < timestep < self.high and not (state.iteration > 0 and state.iteration % self.skip_range == 0)
@@ -231,7 +231,7 @@ class _Denoiser(Hook):
         state.iteration += 1
         return _with_sample(output, self.sample_field, sample)
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a host-side decision: a graph break
+    @eager  # a host-side decision: a graph break
     def _decide(self, state: _DenoiserState, kwargs: dict[str, Any]) -> bool:
         low, high = self.config.unconditional_batch_timestep_skip_range
         skip = (state.iteration > 0 and low < self.timestep() < high

@@ -19,7 +19,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import BlockIO, Placement, block_lists
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook
+from diffcaps.hooks import ContextualState, Forward, Hook, eager
 
 __all__ = ["plan_first_block_cache"]
 
@@ -68,7 +68,7 @@ class _Head(Hook):
         tail_hidden, tail_encoder = state.tail_residuals
         return self.io.join(tail_hidden + hidden, _plus(tail_encoder, encoder))
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a data-dependent decision: a graph break
+    @eager  # a data-dependent decision: a graph break
     def _decide(self, state: _State, residual: Tensor) -> bool:
         previous = state.head_residual
         if previous is None or state.tail_residuals is None:

@@ -24,7 +24,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import BlockIO, Placement, block_lists
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook, StateContext
+from diffcaps.hooks import ContextualState, Forward, Hook, eager, StateContext
 
 __all__ = ["plan_mag_cache"]
 
@@ -121,7 +121,7 @@ class _MagBlock(Hook):
             self._advance(state)
         return output
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a data-dependent decision: a graph break
+    @eager  # a data-dependent decision: a graph break
     def _decide(self, state: _State) -> bool:
         compute = True
         step = state.step
@@ -139,7 +139,7 @@ class _MagBlock(Hook):
         self.record(compute)
         return compute
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # reads norms back to the host
+    @eager  # reads norms back to the host
     def _calibrate(self, state: _State, residual: Tensor) -> None:
         if state.previous_residual is None:
             ratio = 1.0

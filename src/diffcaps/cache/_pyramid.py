@@ -21,7 +21,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import Placement, attention_modules, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook
+from diffcaps.hooks import ContextualState, Forward, Hook, eager
 
 __all__ = ["check_identifiers", "plan_pyramid_attention_broadcast"]
 
@@ -54,7 +54,7 @@ class _Broadcast(Hook):
         state.iteration += 1
         return output
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a host-side decision: a graph break
+    @eager  # a host-side decision: a graph break
     def _decide(self, state: _State) -> bool:
         timestep = self.timestep()
         compute = (state.cache is None or state.iteration == 0 or not self.low < timestep < self.high

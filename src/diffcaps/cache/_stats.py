@@ -83,9 +83,10 @@ class StatsRecorder:
 
     def record(self, groups: tuple[str, ...], computed: bool) -> None:
         """Log one decision for each of ``groups`` in the current context."""
-        per_group = self._log.get(self._context.current)
+        context = self._context.current
+        per_group = self._log.get(context)
         if per_group is None:
-            per_group = self._log[self._context.current] = {}
+            per_group = self._log[context] = {}
         for group in groups:
             decisions = per_group.get(group)
             if decisions is None:

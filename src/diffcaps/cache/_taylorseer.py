@@ -22,7 +22,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import Placement, attention_modules, block_lists, group_of, submodule
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook
+from diffcaps.hooks import ContextualState, Forward, Hook, eager
 
 __all__ = ["plan_taylorseer_cache"]
 
@@ -60,7 +60,7 @@ class _Taylor(Hook):
         predicted = self._predict(state)
         return predicted[0] if len(predicted) == 1 else tuple(predicted)
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # a host-side counter: a graph break
+    @eager  # a host-side counter: a graph break
     def _decide(self, state: _State) -> bool:
         config = self.config
         state.step += 1
@@ -92,7 +92,7 @@ class _Taylor(Hook):
             state.factors = factors
         state.last_update = state.step
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # host-side coefficients: a graph break
+    @eager  # host-side coefficients: a graph break
     def _predict(self, state: _State) -> list[Tensor]:
         if self.skip:
             return [torch.zeros(shape, dtype=dtype, device=state.device)

@@ -8,8 +8,10 @@ layerwise casting, context parallelism) builds on this module and names no model
   last hook of a module restores its ``forward`` exactly.
 - :class:`StateContext` / :class:`ContextualState` — state kept per named context, so that a
   "cond" and an "uncond" pass through the same hooks do not mix.
+- :func:`eager` — marks a hook's host-side bookkeeping to run outside ``torch.compile`` graphs.
 """
 
+from diffcaps.hooks._eager import eager as eager
 from diffcaps.hooks._hook import Forward as Forward, Hook as Hook
 from diffcaps.hooks._registry import (
     add_hook as add_hook,
@@ -27,6 +29,7 @@ __all__ = [
     "Hook",
     "StateContext",
     "add_hook",
+    "eager",
     "get_hook",
     "hook_names",
     "hooked_modules",
