@@ -79,8 +79,9 @@ class ContextParallelKernel:
         session = self.session
         topology = session.topology
         ulysses, ring = topology.ulysses, topology.ring
-        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
-            raise ParallelError(f"{self.name}: context parallelism runs self-attention over the split sequence; "
+        if not query.shape == key.shape == value.shape:
+            raise ParallelError(f"{self.name}: context parallelism runs self-attention over the split sequence "
+                                "(query, key and value of one shape); "
                                 f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
         what = f"attention in {self.name}"
         lengths = session.lengths(query.shape[1], what, query.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, final
+from typing import final
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from diffcaps.errors import ParallelError
 from diffcaps.parallel._comm import Communicator
 from diffcaps.parallel._layout import Layout
 from diffcaps.parallel._service import ContextParallelPlan
-from diffcaps.parallel._topology import Topology
+from diffcaps.parallel._topology import Axis, Topology
 
 __all__ = ["Session"]
 
@@ -85,7 +85,7 @@ class Session:
             )
 
 
-def _gather_axis(comm: Communicator, tensor: Tensor, axis: int, lengths: list[int], along: Any, what: str) -> Tensor:
+def _gather_axis(comm: Communicator, tensor: Tensor, axis: int, lengths: list[int], along: Axis, what: str) -> Tensor:
     if along.size == 1:
         return tensor
     longest = max(lengths)
