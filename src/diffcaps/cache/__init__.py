@@ -6,6 +6,14 @@ diffusers'; ``context(model, name)`` keeps the state of each denoising pass ("co
 "uncond") apart; ``stats(model)`` tells what was computed and skipped; ``disable(model)``
 restores every forward exactly. A model says where its blocks and attention are with a
 :class:`CacheSupport` in its capabilities; this package never names a model class.
+
+``torch.compile``: enable the cache before the first compiled call (the functions also take
+the compiled wrapper and act on the model inside it). The hooked forwards are traced; each
+decision runs outside the graph (:func:`diffcaps.hooks.eager`), so the graph breaks there:
+First Block Cache and MagCache once per call at the first block (MagCache also at the last
+block while calibrating); Pyramid Attention Broadcast, FasterCache and TaylorSeer at each
+hooked attention call (TaylorSeer's predictions too); FasterCache's unconditional-batch
+decision at the model's entry.
 """
 
 from diffcaps.cache._api import (

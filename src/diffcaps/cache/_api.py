@@ -54,6 +54,13 @@ def _plan(model: nn.Module, support: CacheSupport, config: CacheConfig, session:
     return plan_taylorseer_cache(model, support, config, session)
 
 
+def _unwrap(model: object) -> object:
+    # ``torch.compile(model)`` returns a wrapper; the cache lives on the model inside it
+    if type(model).__name__ == "OptimizedModule" and isinstance(model, nn.Module) and "_orig_mod" in model._modules:
+        return model._modules["_orig_mod"]
+    return model
+
+
 def _require(model: object) -> CacheSupport:
     # imported here: feature packages load while ``diffcaps.protocols`` itself is importing them
     from diffcaps.protocols import require
@@ -68,7 +75,7 @@ def _module(model: object) -> nn.Module:
 
 
 def _session(model: object) -> CacheSession | None:
-    session: CacheSession | None = getattr(model, "__dict__", {}).get(_SESSION)
+    session: CacheSession | None = getattr(_unwrap(model), "__dict__", {}).get(_SESSION)
     return session
 
 
@@ -83,10 +90,11 @@ def enable(model: SupportsCache, config: CacheConfig) -> None:
     """Switch on the cache ``config`` describes; the model must not have one already.
 
     A config that does not fit the model raises :class:`~diffcaps.errors.CacheError` and
-    leaves the model untouched. Enable before ``torch.compile`` and after loading weights.
+    leaves the model untouched. Every function here also takes the ``torch.compile`` wrapper
+    of a model and acts on the model inside it.
     """
     support = _require(model)
-    module = _module(model)
+    module = _module(_unwrap(model))
     existing = _session(module)
     if existing is not None:
         raise CacheError(f"{type(module).__name__} already has {type(existing.config).__name__} enabled; "
@@ -120,7 +128,7 @@ def disable(model: SupportsCache) -> CacheConfig | None:
 
     Afterwards every forward is the model's own again, so outputs equal an uncached model's.
     """
-    module = _module(model)
+    module = _module(_unwrap(model))
     session = _session(module)
     if session is None:
         return None

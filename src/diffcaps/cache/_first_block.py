@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, final
 
-import torch
 from torch import Tensor, nn
 
 from diffcaps.cache._config import FirstBlockCacheConfig

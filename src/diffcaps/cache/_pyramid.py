@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import attrs
-import torch
 from torch import nn
 
 from diffcaps.cache._config import (
