@@ -93,6 +93,10 @@ def enable_context_parallel(model: SupportsContextParallel, *, ulysses_degree: i
     replaces the default grid over all ranks. Every collective waits at most ``timeout``; a
     failing rank's error reaches the others, which raise :class:`~diffcaps.errors.RankFailure`
     naming it. Bad arguments raise before any communication and leave the model unchanged.
+
+    Inference only: call the model under ``torch.no_grad()``. Load LoRAs before enabling.
+    First Block Cache is refused (each rank would decide from its own shard); the caches that
+    decide by schedule work, alike on every rank.
     """
     plan = _plan(model)
     if not isinstance(model, nn.Module):
