@@ -144,5 +144,3 @@ class RankFailure(ParallelError):
         self.failed = dict(failed or {})
         super().__init__(message)
 
-
-__all__ += ["ParallelError", "RankFailure"]
