@@ -76,9 +76,11 @@ def _file_recognisers() -> list[Recogniser]:
     recogniser to this list — a callable taking the parsed header and returning a
     ``diffcaps.weights.Recognition``.
     """
+    from diffcaps.lora import lora_recogniser
     from diffcaps.weights import checkpoint_recogniser
 
-    return [checkpoint_recogniser(model_class(name) for name in model_names())]
+    classes = [model_class(name) for name in model_names()]
+    return [checkpoint_recogniser(classes), lora_recogniser(classes)]
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ which original (BFL) module covers which rows of which diffusers module.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,21 +88,42 @@ def linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 @attrs.define
 class LoraFile:
-    """A file's tensors and what loading it must do to the model."""
+    """A file's tensors and what loading it must do to the model.
+
+    The expected updates are computed when first asked for (a benchmark at full width only
+    needs the tensors).
+    """
 
     tensors: dict[str, Tensor]
-    deltas: Deltas = attrs.field(factory=dict)
-    """Module path → expected weight update (fp64), at adapter weight 1."""
-    bias_deltas: Deltas = attrs.field(factory=dict)
+    _deltas: Deltas = attrs.field(factory=dict, alias="deltas")
+    _bias_deltas: Deltas = attrs.field(factory=dict, alias="bias_deltas")
     replaced: dict[str, Tensor] = attrs.field(factory=dict)
     """Parameter name → its value while the adapter is loaded."""
     in_channels: int | None = None
     """The model's input width while the adapter is loaded, when the file widens it."""
     skipped: set[str] = attrs.field(factory=set)
     metadata: dict[str, str] | None = None
+    pending: list[Callable[[], None]] = attrs.field(factory=list)
 
-    def save(self, path: Path) -> Path:
-        save_safetensors(self.tensors, path, metadata=self.metadata)
+    def _resolve(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
+    @property
+    def deltas(self) -> Deltas:
+        """Module path → expected weight update (fp64), at adapter weight 1."""
+        self._resolve()
+        return self._deltas
+
+    @property
+    def bias_deltas(self) -> Deltas:
+        """Module path → expected bias update (fp64), at adapter weight 1."""
+        self._resolve()
+        return self._bias_deltas
+
+    def save(self, path: Path, dtype: torch.dtype | None = None) -> Path:
+        tensors = self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
+        save_safetensors(tensors, path, metadata=self.metadata)
         return path
 
 
@@ -124,18 +146,24 @@ def _swap(t: Tensor) -> Tensor:
     return torch.cat([t[half:], t[:half]])
 
 
-def place(file: LoraFile, model: nn.Module, targets: list[str], delta: Tensor, bias: Tensor | None = None,
-          *, swap: bool = False) -> None:
+def place(file: LoraFile, model: nn.Module, targets: list[str], delta: Callable[[], Tensor],
+          bias: Tensor | None = None, *, swap: bool = False) -> None:
     """Record the expected update of a (possibly fused) module on its diffusers targets."""
-    if swap:
-        delta = _swap(delta)
-        bias = _swap(bias) if bias is not None else None
     sizes = _rows(model, targets)
-    for target, part in zip(targets, torch.split(delta, sizes)):
-        file.deltas[target] = part
-    if bias is not None:
-        for target, part in zip(targets, torch.split(bias, sizes)):
-            file.bias_deltas[target] = part
+
+    def compute() -> None:
+        full = delta()
+        cut = bias
+        if swap:
+            full = _swap(full)
+            cut = _swap(cut) if cut is not None else None
+        for target, part in zip(targets, torch.split(full, sizes)):
+            file._deltas[target] = part
+        if cut is not None:
+            for target, part in zip(targets, torch.split(cut, sizes)):
+                file._bias_deltas[target] = part
+
+    file.pending.append(compute)
 
 
 def _is_final_modulation(name: str) -> bool:
@@ -147,9 +175,20 @@ def lora_delta(down: Tensor, up: Tensor, scale: float) -> Tensor:
     return scale * (up.double() @ down.double())
 
 
+def _kron(w1: Tensor, w2: Tensor | tuple[Tensor, Tensor], scale: float) -> Tensor:
+    right = w2[0].double() @ w2[1].double() if isinstance(w2, tuple) else w2.double()
+    return scale * torch.kron(w1.double(), right)
+
+
+def _hadamard(parts: dict[str, Tensor], scale: float) -> Tensor:
+    return (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * \
+        (parts["hada_w2_a"].double() @ parts["hada_w2_b"].double()) * scale
+
+
 def kohya_style(model: nn.Module, *, seed: int, key: Callable[[str], str], down: str = "lora_down",
                 up: str = "lora_up", alpha: bool = True, rank: int = 4, modules: list[str] | None = None,
-                block_diagonal: bool = False, num_double: int = 2, num_single: int = 2) -> LoraFile:
+                block_diagonal: bool = False, num_double: int = 2, num_single: int = 2,
+                vary_rank: bool = True) -> LoraFile:
     """A file on BFL module names (kohya, ComfyUI): fused qkv/linear1 as one LoRA each."""
     rand = Seeded(seed)
     table = bfl_modules(num_double, num_single)
@@ -168,7 +207,7 @@ def kohya_style(model: nn.Module, *, seed: int, key: Callable[[str], str], down:
                 u[start:start + size, j * rank:(j + 1) * rank] = rand(size, rank)
                 start += size
         else:
-            r = rank + index % 3
+            r = rank + index % 3 if vary_rank else rank
             d, u = rand(r, module_in), rand(rows, r)
         name = key(bfl)
         file.tensors[f"{name}.{down}.weight"] = d
@@ -178,20 +217,20 @@ def kohya_style(model: nn.Module, *, seed: int, key: Callable[[str], str], down:
             a = float(r + 1 + index % 2)
             file.tensors[f"{name}.alpha"] = torch.tensor(a)
             scale = a / r
-        place(file, model, targets, lora_delta(d, u, scale), swap=bfl == "final_layer.adaLN_modulation.1")
+        place(file, model, targets, partial(lora_delta, d, u, scale), swap=bfl == "final_layer.adaLN_modulation.1")
     return file
 
 
 def diffusers_style(model: nn.Module, *, seed: int, key: Callable[[str], str], down: str = "lora_A",
                     up: str = "lora_B", alpha_every: int = 0, rank: int = 4,
-                    paths: list[str] | None = None) -> LoraFile:
+                    paths: list[str] | None = None, vary_rank: bool = True) -> LoraFile:
     """A file on diffusers module paths (diffusers/PEFT, OneTrainer): one LoRA per module."""
     rand = Seeded(seed)
     file = LoraFile(tensors={})
     for index, (path, linear) in enumerate(linears(model).items()):
         if paths is not None and path not in paths:
             continue
-        r = rank + index % 2
+        r = rank + index % 2 if vary_rank else rank
         d, u = rand(r, linear.in_features), rand(linear.out_features, r)
         file.tensors[f"{key(path)}.{down}.weight"] = d
         file.tensors[f"{key(path)}.{up}.weight"] = u
@@ -200,7 +239,7 @@ def diffusers_style(model: nn.Module, *, seed: int, key: Callable[[str], str], d
             a = float(2 * r)
             file.tensors[f"{key(path)}.alpha"] = torch.tensor(a)
             scale = a / r
-        file.deltas[path] = lora_delta(d, u, scale)
+        place(file, model, [path], partial(lora_delta, d, u, scale))
     return file
 
 
@@ -224,7 +263,7 @@ def xlabs_file(model: nn.Module, *, seed: int, doubles: list[int], singles: list
                 base = f"{prefix}{kind}_blocks.{i}.processor.{name}"
                 file.tensors[f"{base}.down.weight"] = d
                 file.tensors[f"{base}.up.weight"] = u
-                place(file, model, targets, lora_delta(d, u, 1.0))
+                place(file, model, targets, partial(lora_delta, d, u, 1.0))
     return file
 
 
@@ -242,7 +281,7 @@ def bfl_control_file(model: nn.Module, *, seed: int, in_channels: int, prefix: s
         file.tensors[f"{prefix}{bfl}.lora_A.weight"] = a
         file.tensors[f"{prefix}{bfl}.lora_B.weight"] = b
         file.tensors[f"{prefix}{bfl}.lora_B.bias"] = bias
-        place(file, model, targets, lora_delta(a, b, 1.0), bias.double(),
+        place(file, model, targets, partial(lora_delta, a, b, 1.0), bias.double(),
               swap=bfl == "final_layer.adaLN_modulation.1")
     for i in range(num_double):
         for bfl, norm in DOUBLE_NORMS.items():
@@ -270,7 +309,7 @@ def fal_kontext_file(model: nn.Module, *, seed: int, rank: int = 4) -> LoraFile:
         file.tensors[f"base_model.model.{bfl}.lora_A.weight"] = a
         file.tensors[f"base_model.model.{bfl}.lora_B.weight"] = b
         file.tensors[f"base_model.model.{bfl}.lora_B.bias"] = bias
-        place(file, model, targets, lora_delta(a, b, 1.0), bias.double())
+        place(file, model, targets, partial(lora_delta, a, b, 1.0), bias.double())
     return file
 
 
@@ -291,15 +330,15 @@ def lokr_file(model: nn.Module, *, seed: int, key: Callable[[str], str], modules
             w2a, w2b = rand(c, rank), rand(rank, d)
             file.tensors[f"{key(name)}.lokr_w2_a"] = w2a
             file.tensors[f"{key(name)}.lokr_w2_b"] = w2b
-            w2 = w2a.double() @ w2b.double()
+            w2: Tensor | tuple[Tensor, Tensor] = (w2a, w2b)
             scale = alpha / rank if alpha is not None else 1.0
         else:
-            w2 = rand(c, d).double()
-            file.tensors[f"{key(name)}.lokr_w2"] = w2.float()
+            w2 = rand(c, d)
+            file.tensors[f"{key(name)}.lokr_w2"] = w2
             scale = 1.0  # LyCORIS applies no alpha when both factors are full
         if alpha is not None:
             file.tensors[f"{key(name)}.alpha"] = torch.tensor(alpha)
-        place(file, model, targets, scale * torch.kron(w1.double(), w2), swap=_is_final_modulation(name))
+        place(file, model, targets, partial(_kron, w1, w2, scale), swap=_is_final_modulation(name))
     return file
 
 
@@ -316,9 +355,7 @@ def loha_file(model: nn.Module, *, seed: int, key: Callable[[str], str], modules
         for suffix, tensor in parts.items():
             file.tensors[f"{key(name)}.{suffix}"] = tensor
         file.tensors[f"{key(name)}.alpha"] = torch.tensor(alpha)
-        delta = (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * \
-                (parts["hada_w2_a"].double() @ parts["hada_w2_b"].double()) * (alpha / rank)
-        place(file, model, targets, delta, swap=_is_final_modulation(name))
+        place(file, model, targets, partial(_hadamard, parts, alpha / rank), swap=_is_final_modulation(name))
     return file
 
 

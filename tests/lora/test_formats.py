@@ -149,3 +149,41 @@ def test_header_metadata_sets_alpha_per_module(tmp_path: Path) -> None:
         alpha = 2.0 if path == "proj_out" else 8.0
         expected = state[f"{path}.weight"].double() + file.deltas[path] * (alpha / rank)
         torch.testing.assert_close(base_weight(model, path), expected.float(), atol=1e-6, rtol=0)
+
+
+def test_comfyui_weight_patches(tmp_path: Path) -> None:
+    """ComfyUI's ``.diff`` / ``.diff_b`` / ``.set_weight``: whole-tensor patches on original names."""
+    model = seeded_model(TINY)
+    state = seeded_state(FluxTransformer2DModel.from_config(TINY))
+    before = fingerprint(model)
+    generator = torch.Generator().manual_seed(40)
+    qkv_bias = torch.randn(96, generator=generator)
+    out_diff = torch.randn(TINY.in_channels, 32, generator=generator)
+    mod_weight = torch.randn(96, 32, generator=generator)
+    file = LoraFile(tensors={
+        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": qkv_bias,
+        "diffusion_model.final_layer.linear.diff": out_diff,
+        "diffusion_model.single_blocks.1.modulation.lin.set_weight": mod_weight,
+    })
+    report = lora.load_adapter(model, file.save(tmp_path / "patch.safetensors"))
+    assert report.kind == "patch" and report.targets == ()
+    assert set(report.patched) == {"transformer_blocks.0.attn.to_q.bias", "transformer_blocks.0.attn.to_k.bias",
+                                   "transformer_blocks.0.attn.to_v.bias", "proj_out.weight",
+                                   "single_transformer_blocks.1.norm.linear.weight"}
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        torch.testing.assert_close(base_weight(model, f"transformer_blocks.0.attn.{name}", "bias"),
+                                   state[f"transformer_blocks.0.attn.{name}.bias"] + qkv_bias[32 * i:32 * (i + 1)])
+    torch.testing.assert_close(base_weight(model, "proj_out"), state["proj_out.weight"] + out_diff)
+    assert torch.equal(base_weight(model, "single_transformer_blocks.1.norm.linear"), mod_weight)
+    lora.unload(model)
+    assert fingerprint(model) == before
+
+
+def test_report_reads_well(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    file = _with_te(kohya_style(model, seed=41, key=_flat("lora_unet_")), "lora_te1_")
+    report = lora.load_adapter(model, file.save(tmp_path / "k.safetensors"), adapter_name="k")
+    text = str(report)
+    assert "kohya (lora) as adapter 'k'" in text
+    assert f"{len(file.deltas)} module(s) adapted" in text
+    assert "skipped lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha: text-encoder tensor" in text

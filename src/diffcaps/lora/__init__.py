@@ -8,21 +8,14 @@
 """
 
 from diffcaps.lora._convert import (
-    ADAPTER_METADATA_KEY as ADAPTER_METADATA_KEY,
-    LORA_SUFFIXES as LORA_SUFFIXES,
-    LYCORIS_SUFFIXES as LYCORIS_SUFFIXES,
     TEXT_ENCODER_PREFIXES as TEXT_ENCODER_PREFIXES,
     KeyFormat as KeyFormat,
     Placement as Placement,
     Resolver as Resolver,
-    build_weights as build_weights,
-    join_lora as join_lora,
-    metadata_scale as metadata_scale,
     model_linears as model_linears,
-    split_target as split_target,
-    swap_halves as swap_halves,
 )
 from diffcaps.lora._hotswap import enable_hotswap as enable_hotswap
+from diffcaps.lora._inspect import lora_recogniser as lora_recogniser
 from diffcaps.lora._layouts import PeftLayout as PeftLayout, save_adapter as save_adapter
 from diffcaps.lora._lifecycle import (
     AdapterWeight as AdapterWeight,
@@ -38,6 +31,14 @@ from diffcaps.lora._lifecycle import (
 )
 from diffcaps.lora._load import Source as Source, load_adapter as load_adapter
 from diffcaps.lora._report import LoadReport as LoadReport
+from diffcaps.lora._split import join_lora as join_lora, split_target as split_target, swap_halves as swap_halves
+from diffcaps.lora._tensors import (
+    ADAPTER_METADATA_KEY as ADAPTER_METADATA_KEY,
+    LORA_SUFFIXES as LORA_SUFFIXES,
+    LYCORIS_SUFFIXES as LYCORIS_SUFFIXES,
+    build_weights as build_weights,
+    metadata_scale as metadata_scale,
+)
 from diffcaps.lora._service import (
     Conversion as Conversion,
     InputWidening as InputWidening,
@@ -84,6 +85,7 @@ __all__ = [
     "join_lora",
     "list_adapters",
     "load_adapter",
+    "lora_recogniser",
     "metadata_scale",
     "model_linears",
     "save_adapter",

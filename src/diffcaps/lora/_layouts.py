@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from diffcaps.errors import LoRAError
 from diffcaps.io import save_safetensors
 from diffcaps.lora import _peft
-from diffcaps.lora._convert import ADAPTER_METADATA_KEY
+from diffcaps.lora._tensors import ADAPTER_METADATA_KEY
 from diffcaps.lora._service import LoHaWeights, LoKrWeights, LoRAService, LoRAWeights, TargetWeights
 from diffcaps.lora._state import get_state
 from diffcaps.protocols import SupportsLoRA, require
@@ -64,9 +65,10 @@ class PeftLayout:
             config: dict[str, Any] = {
                 "r": int(r),
                 "lora_alpha": alpha,
-                "rank_pattern": {f"^{p}": int(v) for p, v in ranks.items() if v != r},
-                "alpha_pattern": {f"^{p}": v for p, v in alphas.items() if v != alpha},
-                "target_modules": sorted(targets),
+                "rank_pattern": {"^" + re.escape(p): int(v) for p, v in ranks.items() if v != r},
+                "alpha_pattern": {"^" + re.escape(p): v for p, v in alphas.items() if v != alpha},
+                # a regex of exact paths: a list would let peft match ``proj_out`` by suffix
+                "target_modules": "^(?:" + "|".join(re.escape(p) for p in sorted(targets)) + ")$",
                 "lora_bias": has_bias,
                 "use_dora": False,
             }

@@ -161,23 +161,30 @@ def fuse(model: SupportsLoRA, adapter_names: Sequence[str] | None = None, scale:
     state.fused_adapters.extend(names)
 
 
+_BLOCK_ELEMENTS = 1 << 24
+"""Fuse works on row blocks of about this many elements (64 MB in fp32): few BLAS calls, a bounded copy."""
+
+
 def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str], scale: float) -> None:
     layer = _peft.layer_at(module, path)
     present = [n for n in names if n in _peft.adapters_of(layer)]
     base: Any = layer.base_layer
     weight: nn.Parameter = base.weight
     bias: nn.Parameter | None = base.bias
-    total = weight.detach().float()
-    bias_total = bias.detach().float() if bias is not None else None
-    for name in present:
-        delta, delta_bias = _peft.delta(layer, name)
-        total = total + scale * delta.to(total.device)
-        if delta_bias is not None and bias_total is not None:
-            bias_total = bias_total + scale * delta_bias.to(bias_total.device)
+    updates = [_peft.delta(layer, name) for name in present]
+    fused = torch.empty_like(weight, requires_grad=False)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight.detach()[start:start + rows].to(torch.float32, copy=True)
+        for update, _ in updates:
+            update.add_rows(block, start, scale)
+        fused[start:start + rows] = block
     state.fused.setdefault(path, (weight, bias))
-    base._parameters["weight"] = nn.Parameter(total.to(weight.dtype), requires_grad=weight.requires_grad)
-    if bias is not None and bias_total is not None:
-        base._parameters["bias"] = nn.Parameter(bias_total.to(bias.dtype), requires_grad=bias.requires_grad)
+    base._parameters["weight"] = nn.Parameter(fused, requires_grad=weight.requires_grad)
+    bias_updates = [b for _, b in updates if b is not None]
+    if bias is not None and bias_updates:
+        total = bias.detach().float() + scale * torch.stack(bias_updates).sum(0).to(bias.device)
+        base._parameters["bias"] = nn.Parameter(total.to(bias.dtype), requires_grad=bias.requires_grad)
     layer.merged_adapters.extend(present)
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, cast
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -196,23 +197,47 @@ def _scaling(layer: Any, name: str) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
-def delta(layer: PeftLayer, name: str) -> tuple[Tensor, Tensor | None]:
-    """Adapter ``name``'s update of the layer's weight (and bias), at its current scale, in fp32."""
+class Update(Protocol):
+    """An adapter's update of one layer, added into row blocks of an fp32 weight copy."""
+
+    def add_rows(self, out: Tensor, start: int, factor: float) -> None: ...
+
+
+@attrs.frozen
+class _LowRank:
+    up: Tensor
+    down: Tensor
+    scale: float
+
+    def add_rows(self, out: Tensor, start: int, factor: float) -> None:
+        # one BLAS call per block: out += factor · scale · up[rows] @ down, never materialising the delta
+        out.addmm_(self.up[start:start + out.shape[0]].float(), self.down, alpha=factor * self.scale)
+
+
+@attrs.frozen
+class _Dense:
+    delta: Tensor
+
+    def add_rows(self, out: Tensor, start: int, factor: float) -> None:
+        out.add_(self.delta[start:start + out.shape[0]], alpha=factor)
+
+
+def delta(layer: PeftLayer, name: str) -> tuple[Update, Tensor | None]:
+    """Adapter ``name``'s update of the layer's weight (and bias, fp32) at its current scale."""
     any_layer: Any = layer
     s = _scaling(layer, name)
     kind = kind_of(layer)
     if kind == "lora":
-        a = any_layer.lora_A[name].weight.float()
         b_module = any_layer.lora_B[name]
         bias = b_module.bias.float() * s if getattr(b_module, "bias", None) is not None else None
-        return s * (b_module.weight.float() @ a), bias
+        return _LowRank(up=b_module.weight, down=any_layer.lora_A[name].weight.float(), scale=s), bias
     if kind == "lokr":
         w1 = _factor(any_layer, "lokr_w1", name)
         w2 = _factor(any_layer, "lokr_w2", name)
-        return s * torch.kron(w1, w2), None
+        return _Dense(s * torch.kron(w1, w2)), None
     w1 = any_layer.hada_w1_a[name].float() @ any_layer.hada_w1_b[name].float()
     w2 = any_layer.hada_w2_a[name].float() @ any_layer.hada_w2_b[name].float()
-    return s * (w1 * w2), None
+    return _Dense(s * (w1 * w2)), None
 
 
 def _factor(layer: Any, label: str, name: str) -> Tensor:

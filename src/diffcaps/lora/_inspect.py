@@ -1,0 +1,64 @@
+"""Recognising a LoRA file from its header alone, for ``python -m diffcaps inspect``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from diffcaps.lora._convert import TEXT_ENCODER_PREFIXES
+from diffcaps.lora._tensors import ADAPTER_METADATA_KEY
+from diffcaps.lora._service import LoRAService
+
+__all__ = ["lora_recogniser"]
+
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+_KINDS = {".lokr_": "LoKr (LyCORIS)", ".hada_": "LoHa (LyCORIS)"}
+
+
+def _ranks(tensors: dict[str, Any]) -> str:
+    ranks = sorted({info.shape[0] for key, info in tensors.items()
+                    if key.endswith(_DOWN_SUFFIXES) and not key.startswith(TEXT_ENCODER_PREFIXES)})
+    if not ranks:
+        return ""
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+
+
+def _kind(keys: Iterable[str]) -> str:
+    counts = Counter(next((kind for marker, kind in _KINDS.items() if marker in key), "LoRA") for key in keys)
+    return counts.most_common(1)[0][0]
+
+
+def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
+    """A ``diffcaps.weights`` recogniser for LoRA files of any of these classes' declared formats.
+
+    It reads the header only: the format, the adapter kind, ranks, whether alphas are stored,
+    and how many tensors are for text encoders (which diffcaps reports and skips).
+    """
+    services = [(cls, service) for cls in model_classes
+                if isinstance(service := getattr(getattr(cls, "capabilities", None), "lora", None), LoRAService)]
+
+    def recognise(header: Any) -> Any:
+        from diffcaps.weights import Recognition
+
+        keys = list(header.tensors)
+        for cls, service in services:
+            fmt = service.detect(keys)
+            if fmt is None:
+                continue
+            text = [k for k in keys if k.startswith(TEXT_ENCODER_PREFIXES)]
+            rows = [("model", cls.__name__), ("format", fmt.name), ("adapter", _kind(keys))]
+            ranks = _ranks(dict(header.tensors))
+            if ranks:
+                rows.append(("rank", ranks))
+            alphas = sum(k.endswith(".alpha") and not k.startswith(TEXT_ENCODER_PREFIXES) for k in keys)
+            rows.append(("alpha", f"{alphas} stored" if alphas else "none stored (scale 1)"))
+            if ADAPTER_METADATA_KEY in header.metadata:
+                rows.append(("peft config", "in the header (lora_adapter_metadata)"))
+            if text:
+                rows.append(("text encoder", f"{len(text)} tensor(s), skipped when loading"))
+            return Recognition(kind="lora", matched=True, rows=tuple(rows))
+        formats = ", ".join(name for _, s in services for name in s.entries())
+        return Recognition(kind="lora", matched=False, rows=(("lora", f"in none of the formats {formats}"),))
+
+    return recognise
