@@ -33,8 +33,8 @@ def test_gradients_equal_the_plain_model() -> None:
 def test_checkpointed_blocks_recompute_in_backward() -> None:
     model = seeded_model(TINY).train()
     calls: list[str] = []
-    block = model.transformer_blocks[0]
-    block.attn.register_forward_hook(lambda *_: calls.append("attn"))
+    attn = model.get_submodule("transformer_blocks.0.attn")
+    attn.register_forward_hook(lambda *_: calls.append("attn"))
     checkpointing.enable(model)
     out = model(**flux_inputs(TINY)).sample
     assert calls == ["attn"]

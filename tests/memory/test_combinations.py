@@ -94,8 +94,9 @@ def _denoise(model: FluxTransformer2DModel, steps: int = 6) -> torch.Tensor:
     with torch.no_grad():
         for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=True):
             with cache.context(model, "cond"):
-                flow = model(hidden_states=latents, **{**inputs, "timestep": t.expand(1)}).sample
+                flow: torch.Tensor = model(hidden_states=latents, **{**inputs, "timestep": t.expand(1)}).sample
             latents = latents + (t_next - t) * flow
+    assert isinstance(latents, torch.Tensor)
     return latents
 
 
