@@ -59,3 +59,14 @@ def test_low_precision_forward_matches_diffusers(dtype: torch.dtype) -> None:
         expected = oracle(**inputs).sample
     assert got.dtype == dtype
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_attention_kwargs_nothing_reads_are_refused() -> None:
+    config = PARITY_CONFIGS["dev-like"]
+    model = seeded_model(config)
+    inputs = flux_inputs(config)
+    with pytest.raises(TypeError, match=r"\['ip_adapter_image_embeds'\].*diffcaps.ip_adapter.load"):
+        model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1, 8)]})
+    with pytest.raises(TypeError, match=r"\['scale'\].*set_adapters"):
+        model(**inputs, joint_attention_kwargs={"scale": 0.5})
+    assert model(**inputs, joint_attention_kwargs={}).sample.shape == (1, 16, config.in_channels)
