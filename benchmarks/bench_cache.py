@@ -8,7 +8,9 @@ settings, in one process:
   calls skipped over the loop; "same" when every step ran exactly the same modules in both
   libraries, and the final latents' largest difference);
 - overhead: the same cache at settings that never skip, minus the uncached loop, per step,
-  on a tiny Flux where the hooks and decisions are a visible part of the work.
+  on a tiny Flux where the hooks and decisions are a visible part of the work: CPU time, and
+  the exact numbers of Python function calls and tensor operations the cache adds (counts
+  that no other load on the machine can disturb).
 
 Times are CPU seconds of this process (``time.process_time``, one intra-op thread) of
 interleaved runs, so that other work on the machine disturbs them as little as possible:
@@ -244,6 +246,37 @@ def _paired_overhead(plain: Side, cached: Side, inputs: dict[str, Tensor], repea
     return median(differences)
 
 
+def _work_per_step(side: Side, inputs: dict[str, Tensor]) -> tuple[float, float]:
+    """(Python function calls, tensor operations) per step of the loop: exact counts, no timing noise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = 0
+
+    def profile(_: Any, event: str, __: Any) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    side.reset()
+    sys.setprofile(profile)
+    try:
+        _loop(side.model, inputs, side.enter)
+    finally:
+        sys.setprofile(None)
+    ops = 0
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            nonlocal ops
+            ops += 1
+            return func(*args, **(kwargs or {}))
+
+    side.reset()
+    with CountOps():
+        _loop(side.model, inputs, side.enter)
+    return calls / STEPS, ops / STEPS
+
+
 def _hook_call_cost() -> tuple[float, float, float]:
     """µs per call of an identity module: bare, behind a pass-through diffcaps hook, behind a diffusers one."""
     from diffusers.hooks import HookRegistry, ModelHook
@@ -291,6 +324,12 @@ def _overhead(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
         ratio = f"{overhead[0] / overhead[1]:.2f}x" if overhead[1] > 0 else "n/a"
         rows.append((f"{title}: overhead per step", f"{overhead[0]:.3f} ms", f"{overhead[1]:.3f} ms", ratio,
                      "<= diffusers"))
+        added = [[c - p for c, p in zip(_work_per_step(c_side, inputs), _work_per_step(p_side, inputs), strict=True)]
+                 for p_side, c_side in zip(plain, cached, strict=True)]
+        for index, what in enumerate(("Python calls", "tensor ops")):
+            ours_added, theirs_added = added[0][index], added[1][index]
+            rows.append((f"{title}: {what} added per step", f"{ours_added:.1f}", f"{theirs_added:.1f}",
+                         f"{ours_added / theirs_added:.2f}x" if theirs_added > 0 else "n/a", "<= diffusers"))
     return rows
 
 

@@ -159,12 +159,13 @@ def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor |
         return
     value = None if timestep is None else float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) \
         else float(timestep)
-    outer, session.timestep = session.timestep, value
+    outer_name = session.context.swap(name)
+    outer_timestep, session.timestep = session.timestep, value
     try:
-        with session.context.use(name):
-            yield
+        yield
     finally:
-        session.timestep = outer
+        session.context.swap(outer_name)
+        session.timestep = outer_timestep
 
 
 def reset(model: SupportsCache) -> None:
@@ -177,7 +178,7 @@ def reset(model: SupportsCache) -> None:
 def stats(model: SupportsCache) -> CacheStats:
     """What the enabled cache computed and skipped so far, per context and block group."""
     session = _enabled(model)
-    return session.stats.snapshot(session.config.kind)
+    return session.stats()
 
 
 def calibrated_mag_ratios(model: SupportsCache) -> dict[str, tuple[float, ...]]:

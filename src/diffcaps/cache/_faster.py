@@ -42,9 +42,10 @@ UNCONDITIONAL_GROUP = "unconditional_batch"
 
 @final
 class _AttentionState:
-    __slots__ = ("batch_size", "cache", "iteration")
+    __slots__ = ("batch_size", "cache", "decisions", "iteration")
 
     def __init__(self) -> None:
+        self.decisions: list[bool] = []
         self.iteration = 0
         self.batch_size: int | None = None
         self.cache: tuple[Any, Any] | None = None
@@ -68,14 +69,13 @@ def _extrapolate(older: Tensor, newer: Tensor, weight: float, batch: int) -> Ten
 class _Attention(Hook):
     def __init__(self, state: ContextualState[_AttentionState], skip_range: int,
                  timestep_range: tuple[float, float], distilled: bool, weight: ModuleWeightCallback,
-                 timestep: Callable[[], float], record: Callable[[bool], None]) -> None:
+                 timestep: Callable[[], float]) -> None:
         self.state = state
         self.skip_range = skip_range
         self.low, self.high = timestep_range
         self.distilled = distilled
         self.weight = weight
         self.timestep = timestep
-        self.record = record
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -111,7 +111,7 @@ class _Attention(Hook):
         skip = self.low < timestep < self.high and not (state.iteration > 0 and state.iteration % self.skip_range == 0)
         # a full (unconditional + conditional) batch cannot be served from conditional-only outputs
         skip = skip and (self.distilled or state.batch_size != batch) and state.cache is not None
-        self.record(not skip)
+        state.decisions.append(not skip)
         return not skip
 
     def reset(self) -> None:
@@ -120,9 +120,10 @@ class _Attention(Hook):
 
 @final
 class _DenoiserState:
-    __slots__ = ("high_delta", "iteration", "low_delta")
+    __slots__ = ("decisions", "high_delta", "iteration", "low_delta")
 
     def __init__(self) -> None:
+        self.decisions: list[bool] = []
         self.iteration = 0
         self.low_delta: Tensor | None = None
         self.high_delta: Tensor | None = None
@@ -184,12 +185,11 @@ def _with_sample(output: Any, field: str, sample: Tensor) -> Any:
 @final
 class _Denoiser(Hook):
     def __init__(self, state: ContextualState[_DenoiserState], config: FasterCacheConfig, sample_field: str,
-                 timestep: Callable[[], float], record: Callable[[bool], None]) -> None:
+                 timestep: Callable[[], float]) -> None:
         self.state = state
         self.config = config
         self.sample_field = sample_field
         self.timestep = timestep
-        self.record = record
         self.split_kwargs = frozenset(config.unconditional_conditional_input_kwargs_identifiers)
 
     def _alpha(self, alpha: float, timestep_range: tuple[float, float]) -> float:
@@ -237,7 +237,7 @@ class _Denoiser(Hook):
         skip = (state.iteration > 0 and low < self.timestep() < high
                 and state.iteration % self.config.unconditional_batch_skip_range != 0
                 and state.low_delta is not None and any(key in self.split_kwargs for key in kwargs))
-        self.record(not skip)
+        state.decisions.append(not skip)
         return skip
 
     def reset(self) -> None:
@@ -268,9 +268,9 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
         for identifiers, skip_range, timestep_range in kinds:
             if skip_range is None or not any(re.search(i, module_name) for i in identifiers):
                 continue
-            hook = _Attention(ContextualState(_AttentionState, session.context), skip_range, timestep_range,
-                              config.is_guidance_distilled, weight, timestep,
-                              session.recorder((group_of(support, module_name),)))
+            state = session.track((group_of(support, module_name),),
+                                  ContextualState(_AttentionState, session.context))
+            hook = _Attention(state, skip_range, timestep_range, config.is_guidance_distilled, weight, timestep)
             placements.append((module, ATTENTION_HOOK, hook))
             break
     if not placements:
@@ -286,7 +286,7 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
         if support.sample_format != config.tensor_format:
             raise CacheError(f"{name}: tensor_format is {config.tensor_format!r} but {type(model).__name__} "
                              f"outputs {support.sample_format!r}")
-        denoiser = _Denoiser(ContextualState(_DenoiserState, session.context), config, support.sample_field,
-                             timestep, session.recorder((UNCONDITIONAL_GROUP,)))
+        denoiser_state = session.track((UNCONDITIONAL_GROUP,), ContextualState(_DenoiserState, session.context))
+        denoiser = _Denoiser(denoiser_state, config, support.sample_field, timestep)
         placements.append((model, DENOISER_HOOK, denoiser))
     return placements

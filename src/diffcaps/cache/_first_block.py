@@ -8,7 +8,6 @@ that step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, final
 
 from torch import Tensor, nn
@@ -27,10 +26,11 @@ HOOK_NAME = "diffcaps.cache.first_block_cache"
 
 @final
 class _State:
-    __slots__ = ("compute", "head_output", "head_residual", "tail_residuals")
+    __slots__ = ("compute", "decisions", "head_output", "head_residual", "tail_residuals")
 
     def __init__(self) -> None:
         self.compute = True
+        self.decisions: list[bool] = []
         self.head_residual: Tensor | None = None
         self.head_output: tuple[Tensor, Tensor | None] | None = None
         self.tail_residuals: tuple[Tensor, Tensor | None] | None = None
@@ -46,12 +46,10 @@ def _minus(value: Tensor | None, base: Tensor | None) -> Tensor | None:
 
 @final
 class _Head(Hook):
-    def __init__(self, state: ContextualState[_State], io: BlockIO, threshold: float,
-                 record: Callable[[bool], None]) -> None:
+    def __init__(self, state: ContextualState[_State], io: BlockIO, threshold: float) -> None:
         self.state = state
         self.io = io
         self.threshold = threshold
-        self.record = record
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -76,7 +74,7 @@ class _Head(Hook):
             change: float = ((residual - previous).abs().mean() / previous.abs().mean()).item()
             compute = change > self.threshold
         state.compute = compute
-        self.record(compute)
+        state.decisions.append(compute)
         return compute
 
     def reset(self) -> None:
@@ -113,11 +111,9 @@ def plan_first_block_cache(model: nn.Module, support: CacheSupport, config: Firs
                          f"{type(model).__name__} has {len(blocks)}")
     groups = tuple(found.path for found in lists if found.blocks)
     state = ContextualState(_State, session.context)
-
-    record = session.recorder(groups)
+    session.track(groups, state)
     (head_declared, head), *rest = blocks
-    placements: list[Placement] = [(head, HOOK_NAME, _Head(state, BlockIO(head_declared, head), config.threshold,
-                                                          record))]
+    placements: list[Placement] = [(head, HOOK_NAME, _Head(state, BlockIO(head_declared, head), config.threshold))]
     for index, (declared, block) in enumerate(rest):
         placements.append((block, HOOK_NAME, _Rest(state, BlockIO(declared, block), tail=index == len(rest) - 1)))
     return placements

@@ -39,10 +39,11 @@ def _f32(value: float) -> float:
 
 @final
 class _State:
-    __slots__ = ("calibration", "compute", "error", "head_input", "previous_residual", "ratio", "skipped_in_row",
-                 "step")
+    __slots__ = ("calibration", "compute", "decisions", "error", "head_input", "previous_residual", "ratio",
+                 "skipped_in_row", "step")
 
     def __init__(self) -> None:
+        self.decisions: list[bool] = []
         self.previous_residual: Tensor | None = None
         self.head_input: Tensor | None = None
         self.compute = True
@@ -85,13 +86,12 @@ class _MagBlock(Hook):
     """One block's part: ``head`` decides, ``tail`` records; a one-block model has both."""
 
     def __init__(self, state: ContextualState[_State], io: BlockIO, config: MagCacheConfig, *, head: bool,
-                 tail: bool, record: Callable[[bool], None], finished: Callable[[tuple[float, ...]], None]) -> None:
+                 tail: bool, finished: Callable[[tuple[float, ...]], None]) -> None:
         self.state = state
         self.io = io
         self.config = config
         self.head = head
         self.tail = tail
-        self.record = record
         self.finished = finished
         self.ratios = tuple(_f32(r) for r in config.mag_ratios or ())
         self.threshold = _f32(config.threshold)
@@ -136,7 +136,7 @@ class _MagBlock(Hook):
             else:
                 state.ratio, state.error, state.skipped_in_row = 1.0, 0.0, 0
         state.compute = compute
-        self.record(compute)
+        state.decisions.append(compute)
         return compute
 
     @eager  # reads norms back to the host
@@ -174,7 +174,8 @@ def plan_mag_cache(model: nn.Module, support: CacheSupport, config: MagCacheConf
     state = ContextualState(_State, session.context)
     context: StateContext = session.context
 
-    record = session.recorder(groups)
+    session.track(groups, state)
+
     def finished(ratios: tuple[float, ...]) -> None:
         session.calibrations[context.current] = ratios
         _LOG.info("MagCache calibration (%s, %d steps): mag_ratios=%s", context.current, len(ratios), list(ratios))
@@ -182,6 +183,6 @@ def plan_mag_cache(model: nn.Module, support: CacheSupport, config: MagCacheConf
     last = len(blocks) - 1
     return [
         (block, HOOK_NAME, _MagBlock(state, BlockIO(declared, block), config, head=index == 0, tail=index == last,
-                                     record=record, finished=finished))
+                                     finished=finished))
         for index, (declared, block) in enumerate(blocks)
     ]

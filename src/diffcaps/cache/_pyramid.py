@@ -29,9 +29,10 @@ HOOK_NAME = "diffcaps.cache.pyramid_attention_broadcast"
 
 @final
 class _State:
-    __slots__ = ("cache", "iteration")
+    __slots__ = ("cache", "decisions", "iteration")
 
     def __init__(self) -> None:
+        self.decisions: list[bool] = []
         self.iteration = 0
         self.cache: Any = None
 
@@ -39,12 +40,11 @@ class _State:
 @final
 class _Broadcast(Hook):
     def __init__(self, state: ContextualState[_State], skip_range: int, timestep_range: tuple[float, float],
-                 timestep: Callable[[], float], record: Callable[[bool], None]) -> None:
+                 timestep: Callable[[], float]) -> None:
         self.state = state
         self.skip_range = skip_range
         self.low, self.high = timestep_range
         self.timestep = timestep
-        self.record = record
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -58,7 +58,7 @@ class _Broadcast(Hook):
         timestep = self.timestep()
         compute = (state.cache is None or state.iteration == 0 or not self.low < timestep < self.high
                    or state.iteration % self.skip_range == 0)
-        self.record(compute)
+        state.decisions.append(compute)
         return compute
 
     def reset(self) -> None:
@@ -106,8 +106,8 @@ def plan_pyramid_attention_broadcast(model: nn.Module, support: CacheSupport, co
             if skip_range is None or cross != is_cross:
                 continue
             if any(re.search(identifier, module_name) for identifier in identifiers):
-                hook = _Broadcast(ContextualState(_State, session.context), skip_range, timestep_range, timestep,
-                                  session.recorder((group_of(support, module_name),)))
+                state = session.track((group_of(support, module_name),), ContextualState(_State, session.context))
+                hook = _Broadcast(state, skip_range, timestep_range, timestep)
                 placements.append((module, HOOK_NAME, hook))
                 break
     if not placements:

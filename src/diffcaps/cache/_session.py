@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, final
+from typing import Final, TypeVar, final
 
 from diffcaps.cache._config import CacheConfig
-from diffcaps.cache._stats import StatsRecorder
+from diffcaps.cache._stats import CacheStats, Decisions, snapshot
 from diffcaps.cache._targets import Placement
 from diffcaps.errors import CacheError
-from diffcaps.hooks import StateContext
+from diffcaps.hooks import ContextualState, StateContext
+
+D = TypeVar("D", bound=Decisions)
 
 __all__ = ["CONTEXT_HINT", "DEFAULT_CONTEXT", "CacheSession"]
 
@@ -21,7 +23,7 @@ CONTEXT_HINT: Final = 'call the model inside `with diffcaps.cache.context(model,
 
 @final
 class CacheSession:
-    """The enabled config, its hooks, the shared context, the decision log and the current timestep.
+    """The enabled config, its hooks, the shared context, the states whose decisions count, the timestep.
 
     It lives on the model instance while the cache is enabled; ``disable`` removes the hooks
     it lists and then the session itself.
@@ -31,7 +33,7 @@ class CacheSession:
         self.config = config
         self.context = StateContext(default=None if requires_context else DEFAULT_CONTEXT,
                                     hint=f"{type(config).__name__} keeps state per denoising pass; {CONTEXT_HINT}")
-        self.stats = StatsRecorder(self.context)
+        self.tracked: list[tuple[tuple[str, ...], ContextualState[Decisions]]] = []
         self.timestep: float | None = None
         self.placements: list[Placement] = []
         self.calibrations: dict[str, tuple[float, ...]] = {}
@@ -51,17 +53,17 @@ class CacheSession:
             return self.timestep
         return from_context
 
-    def recorder(self, groups: tuple[str, ...]) -> Callable[[bool], None]:
-        """A callback that logs one decision for ``groups`` in the current context."""
-        stats = self.stats
+    def track(self, groups: tuple[str, ...], state: ContextualState[D]) -> ContextualState[D]:
+        """Count the decisions ``state`` logs under ``groups`` in the stats; returns ``state``."""
+        self.tracked.append((groups, state))
+        return state
 
-        def record(computed: bool) -> None:
-            stats.record(groups, computed)
-        return record
+    def stats(self) -> CacheStats:
+        """The decisions logged so far, per context and group."""
+        return snapshot(self.config.kind, self.tracked)
 
     def reset(self) -> None:
-        """Drop every hook's state, the decision log and unfinished calibrations."""
+        """Drop every hook's state (with its decision log) and the finished calibrations."""
         for _, _, hook in self.placements:
             hook.reset()
-        self.stats.clear()
         self.calibrations.clear()

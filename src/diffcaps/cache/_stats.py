@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Final, final
+from collections.abc import Iterable, Mapping
+from typing import Final, Protocol, final
 
 import attrs
 
-from diffcaps.hooks import StateContext
+from diffcaps.hooks import ContextualState
 
-__all__ = ["CacheStats", "GroupStats", "MODEL_GROUP"]
+__all__ = ["CacheStats", "Decisions", "GroupStats", "MODEL_GROUP", "snapshot"]
 
 MODEL_GROUP: Final = "model"
 """The group of hooked modules outside every declared block list (e.g. an output projection)."""
@@ -18,10 +18,11 @@ MODEL_GROUP: Final = "model"
 @final
 @attrs.frozen
 class GroupStats:
-    """The decisions taken for one block group in one context, in call order (True = computed).
+    """The decisions taken for one block group in one context (True = computed).
 
-    Block-level caches (First Block Cache, MagCache) decide once per model call; module-level
-    caches (Pyramid Attention Broadcast, FasterCache, TaylorSeer) once per hooked module call.
+    Block-level caches (First Block Cache, MagCache) decide once per model call, listed in call
+    order; module-level caches (Pyramid Attention Broadcast, FasterCache, TaylorSeer) once per
+    hooked module call, listed module by module, each module's calls in order.
     """
 
     decisions: tuple[bool, ...]
@@ -71,35 +72,19 @@ class CacheStats:
         return self.describe()
 
 
-@final
-class StatsRecorder:
-    """Collects decisions as hooks take them, keyed by the active context."""
+class Decisions(Protocol):
+    """A hook state that logs its decisions (True = computed)."""
 
-    __slots__ = ("_context", "_log")
+    decisions: list[bool]
 
-    def __init__(self, context: StateContext) -> None:
-        self._context = context
-        self._log: dict[str, dict[str, list[bool]]] = {}
 
-    def record(self, groups: tuple[str, ...], computed: bool) -> None:
-        """Log one decision for each of ``groups`` in the current context."""
-        context = self._context.current
-        per_group = self._log.get(context)
-        if per_group is None:
-            per_group = self._log[context] = {}
-        for group in groups:
-            decisions = per_group.get(group)
-            if decisions is None:
-                decisions = per_group[group] = []
-            decisions.append(computed)
-
-    def clear(self) -> None:
-        """Forget every decision."""
-        self._log.clear()
-
-    def snapshot(self, kind: str) -> CacheStats:
-        """The decisions so far, frozen."""
-        return CacheStats(kind, {
-            context: {group: GroupStats(tuple(d)) for group, d in groups.items()}
-            for context, groups in self._log.items()
-        })
+def snapshot(kind: str, tracked: Iterable[tuple[tuple[str, ...], ContextualState[Decisions]]]) -> CacheStats:
+    """Gather the decisions the tracked states logged, per context and group."""
+    log: dict[str, dict[str, list[bool]]] = {}
+    for groups, state in tracked:
+        for context, value in state.items():
+            per_group = log.setdefault(context, {})
+            for group in groups:
+                per_group.setdefault(group, []).extend(value.decisions)
+    return CacheStats(kind, {context: {group: GroupStats(tuple(d)) for group, d in groups.items()}
+                             for context, groups in log.items()})

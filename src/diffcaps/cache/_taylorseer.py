@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from typing import Any, final
 
 import torch
@@ -31,9 +30,10 @@ HOOK_NAME = "diffcaps.cache.taylorseer_cache"
 
 @final
 class _State:
-    __slots__ = ("device", "dtypes", "factors", "last_update", "shapes", "step")
+    __slots__ = ("decisions", "device", "dtypes", "factors", "last_update", "shapes", "step")
 
     def __init__(self) -> None:
+        self.decisions: list[bool] = []
         self.step = -1
         self.last_update: int | None = None
         self.factors: list[list[Tensor]] = []
@@ -44,12 +44,10 @@ class _State:
 
 @final
 class _Taylor(Hook):
-    def __init__(self, state: ContextualState[_State], config: TaylorSeerCacheConfig, *, skip: bool,
-                 record: Callable[[bool], None]) -> None:
+    def __init__(self, state: ContextualState[_State], config: TaylorSeerCacheConfig, *, skip: bool) -> None:
         self.state = state
         self.config = config
         self.skip = skip
-        self.record = record
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -68,7 +66,7 @@ class _Taylor(Hook):
         compute = (state.last_update is None or step < config.disable_cache_before_step
                    or (step - config.disable_cache_before_step - 1) % config.cache_interval == 0
                    or (config.disable_cache_after_step is not None and step >= config.disable_cache_after_step))
-        self.record(compute)
+        state.decisions.append(compute)
         return compute
 
     def _update(self, state: _State, outputs: tuple[Tensor, ...]) -> None:
@@ -149,7 +147,7 @@ def plan_taylorseer_cache(model: nn.Module, support: CacheSupport, config: Taylo
     placements: list[Placement] = []
     for modules, skip in ((skipped, True), (predicted, False)):
         for name, module in modules:
-            hook = _Taylor(ContextualState(_State, session.context), config, skip=skip,
-                           record=session.recorder((group_of(support, name),)))
+            state = session.track((group_of(support, name),), ContextualState(_State, session.context))
+            hook = _Taylor(state, config, skip=skip)
             placements.append((module, HOOK_NAME, hook))
     return placements

@@ -25,7 +25,7 @@ def eager(function: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(function)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return disabled(*args, **kwargs)
         return function(*args, **kwargs)
     return call

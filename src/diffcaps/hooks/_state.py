@@ -16,7 +16,7 @@ from diffcaps.errors import ContextError
 
 __all__ = ["ContextualState", "StateContext"]
 
-S = TypeVar("S")
+S = TypeVar("S", covariant=True)  # states are only handed out, never taken in
 
 
 @final
@@ -49,12 +49,17 @@ class StateContext:
             raise ContextError(f"these hooks keep separate state per named context and none is active{hint}")
         return name
 
+    def swap(self, name: str | None) -> str | None:
+        """Make ``name`` the active context (``None``: none) and return the one it replaces."""
+        if name is not None and not name:
+            raise ContextError("a context name must be a non-empty string")
+        outer, self._name = self._name, name
+        return outer
+
     @contextmanager
     def use(self, name: str) -> Iterator[None]:
         """Make ``name`` the active context inside the ``with`` block (nesting restores the outer one)."""
-        if not name:
-            raise ContextError(f"a context name must be a non-empty string, got {name!r}")
-        outer, self._name = self._name, name
+        outer = self.swap(name)
         try:
             yield
         finally:
@@ -79,11 +84,17 @@ class ContextualState(Generic[S]):
 
     def get(self) -> S:
         """The state of the current context (made now if this context has none yet)."""
-        name = self._context.current
+        name = self._context._name  # the active context, read directly: this runs on every hooked call
+        if name is None:
+            name = self._context.current
         state = self._states.get(name)
         if state is None:
             state = self._states[name] = self._factory()
         return state
+
+    def items(self) -> tuple[tuple[str, S], ...]:
+        """(context name, state) for every context that has state, in order of first use."""
+        return tuple(self._states.items())
 
     def names(self) -> tuple[str, ...]:
         """The contexts that have state, in order of first use."""
