@@ -11,9 +11,9 @@ from diffcaps.cache._targets import Placement
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, StateContext
 
-D = TypeVar("D", bound=Decisions)
-
 __all__ = ["CONTEXT_HINT", "DEFAULT_CONTEXT", "CacheSession"]
+
+D = TypeVar("D", bound=Decisions)
 
 DEFAULT_CONTEXT: Final = "default"
 """The context caches that do not require one use outside ``diffcaps.cache.context``."""
