@@ -147,7 +147,7 @@ def _files(model: FluxTransformer2DModel, config: FluxConfig, rank: int) -> dict
         "bfl-control": (bfl_control_file(model, seed=6, in_channels=2 * config.in_channels, rank=rank,
                                          num_double=config.num_layers, num_single=config.num_single_layers), False),
         "lycoris (LoKr)": (lokr_file(model, seed=7, key=flat("lora_unet_"), modules=lycoris, decompose=True,
-                                     rank=rank, w1_rows={n: 7 if n.endswith("linear1") else 3 for n in lycoris
+                                     rank=rank, w1_rows={n: 128 if n.endswith("linear1") else 96 for n in lycoris
                                                          if n.endswith(("qkv", "linear1"))}), False),
     }
 
@@ -210,7 +210,8 @@ def main() -> None:
                      f"{drift_theirs:.1e} ({changed_theirs} tensors changed)", "–", "0"))
     print_table("LoRA (times: median; ratio = diffcaps / diffusers)", rows)
     print("* diffusers' BFL-control converter hard-codes FLUX.1's 19/38 blocks and 3072 width; it has no "
-          "LyCORIS reader for Flux.1 files")
+          "LyCORIS reader for Flux.1 files. The LoKr file uses LyCORIS' default factors (96 × 96 for qkv, "
+          "128 × 168 for linear1, which q/k/v/mlp cut through: held as the equivalent LoHa)")
 
 
 def _base_state(model: Any) -> dict[str, torch.Tensor]:

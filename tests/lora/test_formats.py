@@ -22,6 +22,7 @@ from tests.lora._files import (
     kohya_style,
     linears,
     loha_file,
+    module,
     lokr_file,
     text_encoder_keys,
     xlabs_file,
@@ -187,3 +188,19 @@ def test_report_reads_well(tmp_path: Path) -> None:
     assert "kohya (lora) as adapter 'k'" in text
     assert f"{len(file.deltas)} module(s) adapted" in text
     assert "skipped lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha: text-encoder tensor" in text
+
+
+def test_lokr_cut_through_its_factor_becomes_an_equivalent_loha(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    _, aligned = CASES["lokr-kohya"]
+    report = lora.load_adapter(model, aligned(model).save(tmp_path / "a.safetensors"), adapter_name="a")
+    assert report.kind == "lokr" and not report.notes
+    assert type(model.get_submodule("transformer_blocks.0.attn.to_q")).__module__.startswith("peft.tuners.lokr")
+    _, unaligned = CASES["lokr-kohya-unaligned"]
+    lora.unload(model)
+    report = lora.load_adapter(model, unaligned(model).save(tmp_path / "u.safetensors"), adapter_name="u")
+    assert report.kind == "loha" and "equivalent LoHa" in report.notes[0]
+    layer = module(model, "single_transformer_blocks.1.proj_mlp")
+    assert type(layer).__module__.startswith("peft.tuners.loha")
+    # rank max(columns of the full w1 = 2, LoKr rank 2): small factors, no dense delta
+    assert layer.hada_w1_a["u"].shape == (4 * TINY.inner_dim, 2)

@@ -136,12 +136,4 @@ def inject_adapter_in_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module: ...
 
-def set_peft_model_state_dict(
-    model: torch.nn.Module,
-    peft_model_state_dict: dict[str, torch.Tensor],
-    adapter_name: str = "default",
-    ignore_mismatched_sizes: bool = False,
-    low_cpu_mem_usage: bool = False,
-) -> Any: ...
-
 __all__: Sequence[str]

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from diffcaps.errors import FormatError, ShapeError
-from diffcaps.lora._service import Conversion, ParamPatch, TargetWeights
-from diffcaps.lora._split import is_dense, split_rows, split_target, swap_halves, swapped
+from diffcaps.lora._service import Conversion, LoKrWeights, ParamPatch, TargetWeights
+from diffcaps.lora._split import lokr_as_loha, split_rows, split_target, swap_halves, swapped
 from diffcaps.lora._tensors import LORA_SUFFIXES, LYCORIS_SUFFIXES, PATCH_SUFFIXES, build_weights
 
 __all__ = ["TEXT_ENCODER_PREFIXES", "KeyFormat", "Placement", "Resolver", "model_linears"]
@@ -164,9 +164,6 @@ class _Builder:
         rows, cols = weights.shape
         sizes = placement.split_sizes(rows, module, (rows, cols))
         parts = split_target(weights, sizes) if len(sizes) > 1 else [weights]
-        if not is_dense(weights) and any(is_dense(p) for p in parts):
-            self.notes.append(f"{module}: LoKr blocks do not fall on the Kronecker factor's rows; "
-                              "its parts are kept as exact dense deltas")
         for target, part in zip(placement.targets, parts):
             if target in self.targets:
                 raise FormatError(f"both {self.sources[target]!r} and {module!r} adapt {target!r}")
@@ -190,6 +187,12 @@ class _Builder:
         self.used.append(key)
 
     def result(self) -> Conversion:
+        kinds = {w.kind for w in self.targets.values()}
+        if kinds == {"lokr", "loha"}:
+            # a LoKr cut through its factor's rows became a LoHa; peft holds one kind per adapter
+            self.targets = {t: lokr_as_loha(w) if isinstance(w, LoKrWeights) else w for t, w in self.targets.items()}
+            self.notes.append("LoKr updates are held as the equivalent LoHa (kron(w1, w2) = kron(w1, 1) ⊙ "
+                              "kron(1, w2)): a fused module's parts cut through the Kronecker factor's rows")
         return Conversion(targets=self.targets, patches=self.patches, used=tuple(self.used),
                           skipped=self.skipped, unmatched=self.unmatched, notes=tuple(self.notes),
                           sources=self.sources)

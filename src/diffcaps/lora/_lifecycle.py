@@ -155,9 +155,10 @@ def fuse(model: SupportsLoRA, adapter_names: Sequence[str] | None = None, scale:
     if twice:
         raise LoRAError(f"adapters {twice} are already fused")
     paths = sorted({path for name in names for path in state.adapters[name].targets})
+    scratch: dict[torch.device, torch.Tensor] = {}
     with torch.no_grad():
         for path in paths:
-            _fuse_layer(module, state, path, names, scale)
+            _fuse_layer(module, state, path, names, scale, scratch)
     state.fused_adapters.extend(names)
 
 
@@ -165,7 +166,8 @@ _BLOCK_ELEMENTS = 1 << 24
 """Fuse works on row blocks of about this many elements (64 MB in fp32): few BLAS calls, a bounded copy."""
 
 
-def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str], scale: float) -> None:
+def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str], scale: float,
+                scratch: dict[torch.device, torch.Tensor]) -> None:
     layer = _peft.layer_at(module, path)
     present = [n for n in names if n in _peft.adapters_of(layer)]
     base: Any = layer.base_layer
@@ -174,11 +176,16 @@ def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str]
     updates = [_peft.delta(layer, name) for name in present]
     fused = torch.empty_like(weight, requires_grad=False)
     rows = max(1, _BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    buffer = scratch.get(weight.device)
+    if buffer is None:  # one fp32 block buffer per fuse call and device, reused by every module
+        buffer = scratch[weight.device] = torch.empty(_BLOCK_ELEMENTS + weight.shape[1], device=weight.device)
     for start in range(0, weight.shape[0], rows):
-        block = weight.detach()[start:start + rows].to(torch.float32, copy=True)
+        source = weight.detach()[start:start + rows]
+        block = buffer[: source.numel()].view(source.shape)
+        block.copy_(source)
         for update, _ in updates:
             update.add_rows(block, start, scale)
-        fused[start:start + rows] = block
+        fused[start:start + rows].copy_(block)
     state.fused.setdefault(path, (weight, bias))
     base._parameters["weight"] = nn.Parameter(fused, requires_grad=weight.requires_grad)
     bias_updates = [b for _, b in updates if b is not None]

@@ -121,9 +121,9 @@ def _placed(tensor: Tensor, like: Tensor, seen: set[int]) -> Tensor:
 def inject(model: nn.Module, name: str, targets: Mapping[str, TargetWeights]) -> None:
     """Add adapter ``name`` to ``model`` as peft layers holding these weights.
 
-    Layers are created on the meta device and then given the file's tensors, cast to each
-    base layer's dtype and device; peft computes each module's scale as ``alpha / r`` from the
-    per-module ``rank_pattern``/``alpha_pattern``.
+    ``peft.inject_adapter_in_model`` creates the layers on the meta device (no random init);
+    each then takes the file's tensors, cast to its base layer's dtype and device. peft computes
+    each module's scale as ``alpha / r`` from the per-module ``rank_pattern``/``alpha_pattern``.
     """
     import peft
 
@@ -136,34 +136,29 @@ def inject(model: nn.Module, name: str, targets: Mapping[str, TargetWeights]) ->
         warnings.simplefilter("ignore")
         peft.inject_adapter_in_model(_config(kind, targets), model, adapter_name=name, low_cpu_mem_usage=True)
     seen: set[int] = set()
-    if kind == "lora":
-        state: dict[str, Tensor] = {}
-        for path, w in targets.items():
-            assert isinstance(w, LoRAWeights)
-            like = weights[path]
-            state[f"{path}.lora_A.weight"] = _placed(w.down, like, seen)
-            state[f"{path}.lora_B.weight"] = _placed(w.up, like, seen)
-            if _config_has_bias(model, name):
-                bias = w.bias if w.bias is not None else torch.zeros(w.up.shape[0])
-                state[f"{path}.lora_B.bias"] = _placed(bias, like, seen)
-        result = peft.set_peft_model_state_dict(model, state, adapter_name=name, low_cpu_mem_usage=True)
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected:
-            raise LoRAError(f"peft did not place {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
-        return
     for path, w in targets.items():
-        _assign_lycoris(cast(Any, model.get_submodule(path)), name, w, weights[path], seen)
+        layer: Any = model.get_submodule(path)
+        if isinstance(w, LoRAWeights):
+            _assign_lora(layer, name, w, weights[path], seen)
+        else:
+            _assign_lycoris(layer, name, w, weights[path], seen)
+
+
+def _assign_lora(layer: Any, name: str, w: LoRAWeights, like: Tensor, seen: set[int]) -> None:
+    # peft made the layers on the meta device; they take the file's tensors as they are
+    # (what set_peft_model_state_dict(..., low_cpu_mem_usage=True) does, without its model-wide walk)
+    down, up = layer.lora_A[name], layer.lora_B[name]
+    down.weight = nn.Parameter(_placed(w.down, like, seen), requires_grad=False)
+    up.weight = nn.Parameter(_placed(w.up, like, seen), requires_grad=False)
+    if up.bias is not None:
+        bias = w.bias if w.bias is not None else torch.zeros(w.up.shape[0])
+        up.bias = nn.Parameter(_placed(bias, like, seen), requires_grad=False)
 
 
 def _weight_of(model: nn.Module, path: str) -> Tensor:
     weight = base_linear(model.get_submodule(path)).weight
     assert isinstance(weight, Tensor)
     return weight
-
-
-def _config_has_bias(model: nn.Module, name: str) -> bool:
-    configs: Any = getattr(model, "peft_config", {})
-    return bool(getattr(configs.get(name), "lora_bias", False))
 
 
 def _assign_lycoris(layer: Any, name: str, w: TargetWeights, like: Tensor, seen: set[int]) -> None:

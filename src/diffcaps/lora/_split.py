@@ -15,7 +15,7 @@ from torch import Tensor
 
 from diffcaps.lora._service import LoHaWeights, LoKrWeights, LoRAWeights, TargetWeights
 
-__all__ = ["is_dense", "join_lora", "split_rows", "split_target", "swap_halves", "swapped"]
+__all__ = ["join_lora", "lokr_as_loha", "split_rows", "split_target", "swap_halves", "swapped"]
 
 
 def split_rows(t: Tensor, sizes: Sequence[int]) -> list[Tensor]:
@@ -29,17 +29,40 @@ def swapped(t: Tensor) -> Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _product(factor: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+def _pair(factor: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    # a factor as a product u @ v (a full matrix is itself times the identity)
     if isinstance(factor, tuple):
-        return factor[0].float() @ factor[1].float()
-    return factor.float()
+        return factor
+    return factor, torch.eye(factor.shape[1], dtype=factor.dtype)
 
 
-def _dense_lokr(w: LoKrWeights, rows: slice) -> LoKrWeights:
-    # A row block of kron(w1, w2) that does not fall on whole rows of w1 is no Kronecker product;
-    # it is kept exactly as a full delta: kron([[1]], delta).
-    delta = (w.scale * torch.kron(_product(w.w1), _product(w.w2)))[rows]
-    return LoKrWeights(w1=torch.ones(1, 1), w2=delta, scale=1.0)
+def _padded(t: Tensor, rank: int, dim: int) -> Tensor:
+    if t.shape[dim] == rank:
+        return t
+    shape = list(t.shape)
+    shape[dim] = rank - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def lokr_as_loha(w: LoKrWeights) -> LoHaWeights:
+    """The same update as a LoHa: ``kron(w1, w2) = kron(w1, 1) ⊙ kron(1, w2)``, both low rank.
+
+    With ``w1 = u1 @ v1`` ([a, p] @ [p, b]) and ``w2 = u2 @ v2`` ([c, q] @ [q, d]):
+    ``kron(w1, 1_{c×d}) = kron(u1, 1_c) @ kron(v1, 1_d^T)`` and
+    ``kron(1_{a×b}, w2) = kron(1_a, u2) @ kron(1_b^T, v2)``; the smaller rank is zero-padded.
+    Unlike a Kronecker product, this splits on any row boundary, so a LoKr on a fused module
+    whose parts cut through rows of ``w1`` stays exact and small.
+    """
+    (u1, v1), (u2, v2) = _pair(w.w1), _pair(w.w2)
+    a, b, c, d = u1.shape[0], v1.shape[1], u2.shape[0], v2.shape[1]
+    rank = max(u1.shape[1], u2.shape[1])
+    ones = u1.new_ones
+    w1_a = torch.kron(u1, ones(c, 1))
+    w1_b = torch.kron(v1, ones(1, d))
+    w2_a = torch.kron(ones(a, 1), u2)
+    w2_b = torch.kron(ones(1, b), v2)
+    return LoHaWeights(w1_a=_padded(w1_a, rank, 1), w1_b=_padded(w1_b, rank, 0),
+                       w2_a=_padded(w2_a, rank, 1), w2_b=_padded(w2_b, rank, 0), scale=w.scale)
 
 
 def _rows_of(factor: Tensor | tuple[Tensor, Tensor], rows: slice) -> Tensor | tuple[Tensor, Tensor]:
@@ -64,8 +87,7 @@ def swap_halves(w: TargetWeights) -> TargetWeights:
         order = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
         w1 = (w.w1[0][order], w.w1[1]) if isinstance(w.w1, tuple) else w.w1[order]
         return attrs.evolve(w, w1=w1)
-    dense = _dense_lokr(w, slice(None))
-    return attrs.evolve(dense, w2=swapped(_product(dense.w2)))
+    return swap_halves(lokr_as_loha(w))
 
 
 def split_target(w: TargetWeights, sizes: Sequence[int]) -> list[TargetWeights]:
@@ -74,7 +96,7 @@ def split_target(w: TargetWeights, sizes: Sequence[int]) -> list[TargetWeights]:
     A LoRA whose up matrix is block-diagonal (each part uses only its own share of the rank,
     as kohya's ``split_qkv`` writes it) is split in the rank too; otherwise every part keeps
     the whole down matrix. LoHa splits its two left factors; LoKr splits its left factor when
-    the blocks fall on its rows and otherwise keeps each block as an exact dense delta.
+    the blocks fall on its rows, and otherwise becomes the equivalent LoHa (:func:`lokr_as_loha`).
     """
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     if isinstance(w, LoRAWeights):
@@ -85,7 +107,7 @@ def split_target(w: TargetWeights, sizes: Sequence[int]) -> list[TargetWeights]:
     if all(o % block == 0 and n % block == 0 for o, n in zip(offsets, sizes)):
         return [attrs.evolve(w, w1=_rows_of(w.w1, slice(o // block, (o + n) // block)))
                 for o, n in zip(offsets, sizes)]
-    return [_dense_lokr(w, slice(o, o + n)) for o, n in zip(offsets, sizes)]
+    return split_target(lokr_as_loha(w), sizes)
 
 
 def _split_lora(w: LoRAWeights, sizes: Sequence[int], offsets: Sequence[int]) -> list[LoRAWeights]:
@@ -141,8 +163,3 @@ def join_lora(parts: Sequence[LoRAWeights | None], sizes: Sequence[int]) -> LoRA
             column += p.rank
     down = first.down if shared else torch.cat(downs, dim=0)
     return LoRAWeights(down=down, up=up, scale=scale, bias=bias)
-
-
-def is_dense(w: TargetWeights) -> bool:
-    """Whether ``w`` is a LoKr kept as a dense delta (``kron([[1]], delta)``)."""
-    return isinstance(w, LoKrWeights) and isinstance(w.w1, Tensor) and tuple(w.w1.shape) == (1, 1)
