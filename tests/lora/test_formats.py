@@ -157,6 +157,10 @@ def test_comfyui_weight_patches(tmp_path: Path) -> None:
     model = seeded_model(TINY)
     state = seeded_state(FluxTransformer2DModel.from_config(TINY))
     before = fingerprint(model)
+    # a LoRA already on proj_out: the patch goes to the base layer under the peft layer
+    lora.load_adapter(model, diffusers_style(model, seed=39, key=lambda p: f"transformer.{p}",
+                                             paths=["proj_out"]).save(tmp_path / "lora.safetensors"), adapter_name="l")
+    lora.set_adapters(model, "l", 0.0)
     generator = torch.Generator().manual_seed(40)
     qkv_bias = torch.randn(96, generator=generator)
     out_diff = torch.randn(TINY.in_channels, 32, generator=generator)
@@ -168,6 +172,7 @@ def test_comfyui_weight_patches(tmp_path: Path) -> None:
     })
     report = lora.load_adapter(model, file.save(tmp_path / "patch.safetensors"))
     assert report.kind == "patch" and report.targets == ()
+    lora.set_adapters(model, "l", 0.0)  # only the patches act: compare weights once fused
     assert set(report.patched) == {"transformer_blocks.0.attn.to_q.bias", "transformer_blocks.0.attn.to_k.bias",
                                    "transformer_blocks.0.attn.to_v.bias", "proj_out.weight",
                                    "single_transformer_blocks.1.norm.linear.weight"}
@@ -176,6 +181,8 @@ def test_comfyui_weight_patches(tmp_path: Path) -> None:
                                    state[f"transformer_blocks.0.attn.{name}.bias"] + qkv_bias[32 * i:32 * (i + 1)])
     torch.testing.assert_close(base_weight(model, "proj_out"), state["proj_out.weight"] + out_diff)
     assert torch.equal(base_weight(model, "single_transformer_blocks.1.norm.linear"), mod_weight)
+    lora.fuse(model)  # the LoRA at weight 0 leaves the patched weight as it is
+    torch.testing.assert_close(base_weight(model, "proj_out"), state["proj_out.weight"] + out_diff)
     lora.unload(model)
     assert fingerprint(model) == before
 

@@ -64,3 +64,12 @@ def test_peft_stub_matches_installed_peft() -> None:
         init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
         if init is not None:
             assert _parameters(init) == list(inspect.signature(runtime.__init__).parameters)[1:], name
+
+
+def test_metadata_row_lists_the_formats() -> None:
+    from diffcaps.models.flux import FluxTransformer2DModel
+
+    row = FluxTransformer2DModel.metadata()["lora"]
+    assert row.entries == ("xlabs", "lycoris", "kohya", "onetrainer", "fal-kontext", "bfl-control", "comfyui",
+                           "diffusers")
+    assert FluxTransformer2DModel.capabilities.lora.entries() == row.entries

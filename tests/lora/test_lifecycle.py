@@ -150,6 +150,23 @@ def test_two_adapters_enable_disable_and_delete(tmp_path: Path) -> None:
     assert lora.list_adapters(model) == ()
 
 
+def test_adapters_on_disjoint_modules_are_all_active(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    state = seeded_state(FluxTransformer2DModel.from_config(TINY))
+    first = _diffusers(model, 12, ["proj_out", "transformer_blocks.1.ff.net.2"])
+    second = _diffusers(model, 13, ["transformer_blocks.0.attn.to_q"])
+    lora.load_adapter(model, first.save(tmp_path / "1.safetensors"), adapter_name="one")
+    lora.disable(model)
+    lora.load_adapter(model, second.save(tmp_path / "2.safetensors"), adapter_name="two")
+    assert lora.active_adapters(model) == ()
+    lora.enable(model)
+    assert lora.active_adapters(model) == ("one", "two")
+    both = LoraFile(tensors={}, deltas={**first.deltas, **second.deltas})
+    torch.testing.assert_close(_output(model), _output(reference_model(TINY, state, both)), atol=2e-5, rtol=0)
+    lora.delete_adapters(model, "two")
+    torch.testing.assert_close(_output(model), _output(reference_model(TINY, state, first)), atol=2e-5, rtol=0)
+
+
 def test_misuse_is_a_clear_error(tmp_path: Path) -> None:
     model = seeded_model(TINY)
     with pytest.raises(LoRAError, match="no LoRA adapter loaded"):

@@ -142,7 +142,7 @@ def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: 
             widen[path] = wider
     for name, patch in conversion.patches.items():
         owner_path, _, param = name.rpartition(".")
-        owner = module.get_submodule(owner_path)
+        owner = _peft.base_linear(module.get_submodule(owner_path))
         current = owner._parameters.get(param)
         if current is None:
             raise FormatError(f"{label}: {patch.source!r} patches {name}, which is not a parameter")
@@ -263,13 +263,17 @@ def _pad(w: TargetWeights, rank: int, path: str) -> TargetWeights:
 
 
 def _activate(module: nn.Module, state: LoRAState, record: AdapterRecord, *, tensor_scales: bool) -> None:
+    # peft's injection makes the new adapter the only active one on every layer of the model;
+    # put back the active set (the old one plus the new adapter) everywhere
     active = [*state.active, record.name]
-    for path in record.targets:
+    for path in {*state.layers(), *record.targets}:
         layer = _peft.layer_at(module, path)
         layer.set_adapter(active)
         if not state.enabled:
             layer.enable_adapters(False)
-        if tensor_scales:
+    if tensor_scales:
+        for path in record.targets:
+            layer = _peft.layer_at(module, path)
             layer.scaling[record.name] = torch.tensor(float(layer.scaling[record.name]))
 
 
@@ -294,7 +298,7 @@ def _widen(module: nn.Module, service: LoRAService, path: str, cols: int) -> Wid
 
 def _patch(module: nn.Module, path: str, value: Tensor, mode: str) -> Patch:
     owner_path, _, name = path.rpartition(".")
-    owner = module.get_submodule(owner_path)
+    owner = _peft.base_linear(module.get_submodule(owner_path))
     old = owner._parameters[name]
     assert old is not None
     if mode == "add":
