@@ -157,15 +157,17 @@ def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor |
     if session is None:
         yield
         return
+    if not name:
+        raise CacheError("a cache context needs a name, such as 'cond' or 'uncond'")
     value = None if timestep is None else float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) \
         else float(timestep)
-    outer_name = session.context.swap(name)
-    outer_timestep, session.timestep = session.timestep, value
+    context, clock = session.context, session.clock
+    outer_name, context.active = context.active, name
+    outer_timestep, clock.now = clock.now, value
     try:
         yield
     finally:
-        session.context.swap(outer_name)
-        session.timestep = outer_timestep
+        context.active, clock.now = outer_name, outer_timestep
 
 
 def reset(model: SupportsCache) -> None:

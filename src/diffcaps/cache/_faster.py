@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from typing import Any, final
 
 import attrs
@@ -26,7 +25,7 @@ from diffcaps.cache._config import (
     ModuleWeightCallback,
 )
 from diffcaps.cache._pyramid import check_identifiers
-from diffcaps.cache._session import CacheSession
+from diffcaps.cache._session import CacheSession, Clock
 from diffcaps.cache._targets import Placement, attention_modules, batch_size, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
@@ -69,13 +68,13 @@ def _extrapolate(older: Tensor, newer: Tensor, weight: float, batch: int) -> Ten
 class _Attention(Hook):
     def __init__(self, state: ContextualState[_AttentionState], skip_range: int,
                  timestep_range: tuple[float, float], distilled: bool, weight: ModuleWeightCallback,
-                 timestep: Callable[[], float]) -> None:
+                 clock: Clock) -> None:
         self.state = state
         self.skip_range = skip_range
         self.low, self.high = timestep_range
         self.distilled = distilled
         self.weight = weight
-        self.timestep = timestep
+        self.clock = clock
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -107,7 +106,10 @@ class _Attention(Hook):
 
     @eager  # a host-side decision: a graph break
     def _decide(self, state: _AttentionState, batch: int) -> bool:
-        timestep = self.timestep()
+        clock = self.clock
+        timestep = clock.now if clock.callback is None else float(clock.callback())
+        if timestep is None:
+            clock.missing()
         skip = self.low < timestep < self.high and not (state.iteration > 0 and state.iteration % self.skip_range == 0)
         # a full (unconditional + conditional) batch cannot be served from conditional-only outputs
         skip = skip and (self.distilled or state.batch_size != batch) and state.cache is not None
@@ -185,15 +187,15 @@ def _with_sample(output: Any, field: str, sample: Tensor) -> Any:
 @final
 class _Denoiser(Hook):
     def __init__(self, state: ContextualState[_DenoiserState], config: FasterCacheConfig, sample_field: str,
-                 timestep: Callable[[], float]) -> None:
+                 clock: Clock) -> None:
         self.state = state
         self.config = config
         self.sample_field = sample_field
-        self.timestep = timestep
+        self.clock = clock
         self.split_kwargs = frozenset(config.unconditional_conditional_input_kwargs_identifiers)
 
     def _alpha(self, alpha: float, timestep_range: tuple[float, float]) -> float:
-        return alpha if timestep_range[0] < self.timestep() < timestep_range[1] else 1.0
+        return alpha if timestep_range[0] < self.clock.read() < timestep_range[1] else 1.0
 
     def _low_weight(self, module: nn.Module) -> float:
         if self.config.low_frequency_weight_callback is not None:
@@ -234,7 +236,7 @@ class _Denoiser(Hook):
     @eager  # a host-side decision: a graph break
     def _decide(self, state: _DenoiserState, kwargs: dict[str, Any]) -> bool:
         low, high = self.config.unconditional_batch_timestep_skip_range
-        skip = (state.iteration > 0 and low < self.timestep() < high
+        skip = (state.iteration > 0 and low < self.clock.read() < high
                 and state.iteration % self.config.unconditional_batch_skip_range != 0
                 and state.low_delta is not None and any(key in self.split_kwargs for key in kwargs))
         state.decisions.append(not skip)
@@ -255,7 +257,6 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
     if config.temporal_attention_block_skip_range is not None:
         check_identifiers(name, "temporal_attention_block_identifiers", config.temporal_attention_block_identifiers,
                           FASTER_TEMPORAL_IDENTIFIERS, names)
-    timestep = session.timestep_source(config.current_timestep_callback)
     weight: ModuleWeightCallback = config.attention_weight_callback or (lambda _: 0.5)
     kinds = (
         (config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
@@ -270,7 +271,7 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
                 continue
             state = session.track((group_of(support, module_name),),
                                   ContextualState(_AttentionState, session.context))
-            hook = _Attention(state, skip_range, timestep_range, config.is_guidance_distilled, weight, timestep)
+            hook = _Attention(state, skip_range, timestep_range, config.is_guidance_distilled, weight, session.clock)
             placements.append((module, ATTENTION_HOOK, hook))
             break
     if not placements:
@@ -287,6 +288,6 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
             raise CacheError(f"{name}: tensor_format is {config.tensor_format!r} but {type(model).__name__} "
                              f"outputs {support.sample_format!r}")
         denoiser_state = session.track((UNCONDITIONAL_GROUP,), ContextualState(_DenoiserState, session.context))
-        denoiser = _Denoiser(denoiser_state, config, support.sample_field, timestep)
+        denoiser = _Denoiser(denoiser_state, config, support.sample_field, session.clock)
         placements.append((model, DENOISER_HOOK, denoiser))
     return placements

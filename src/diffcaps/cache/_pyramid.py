@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, final
 
 import attrs
@@ -16,7 +16,7 @@ from diffcaps.cache._config import (
     PAB_TEMPORAL_IDENTIFIERS,
     PyramidAttentionBroadcastConfig,
 )
-from diffcaps.cache._session import CacheSession
+from diffcaps.cache._session import CacheSession, Clock
 from diffcaps.cache._targets import Placement, attention_modules, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
@@ -40,11 +40,11 @@ class _State:
 @final
 class _Broadcast(Hook):
     def __init__(self, state: ContextualState[_State], skip_range: int, timestep_range: tuple[float, float],
-                 timestep: Callable[[], float]) -> None:
+                 clock: Clock) -> None:
         self.state = state
         self.skip_range = skip_range
         self.low, self.high = timestep_range
-        self.timestep = timestep
+        self.clock = clock
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         state = self.state.get()
@@ -55,7 +55,10 @@ class _Broadcast(Hook):
 
     @eager  # a host-side decision: a graph break
     def _decide(self, state: _State) -> bool:
-        timestep = self.timestep()
+        clock = self.clock
+        timestep = clock.now if clock.callback is None else float(clock.callback())
+        if timestep is None:
+            clock.missing()
         compute = (state.cache is None or state.iteration == 0 or not self.low < timestep < self.high
                    or state.iteration % self.skip_range == 0)
         state.decisions.append(compute)
@@ -99,7 +102,6 @@ def plan_pyramid_attention_broadcast(model: nn.Module, support: CacheSupport, co
     for kind, identifiers, defaults, _, skip_range, _ in kinds:
         if skip_range is not None:
             check_identifiers(name, f"{kind}_attention_block_identifiers", identifiers, defaults, names)
-    timestep = session.timestep_source(config.current_timestep_callback)
     placements: list[Placement] = []
     for module_name, module, is_cross in candidates:
         for _, identifiers, _, cross, skip_range, timestep_range in kinds:
@@ -107,7 +109,7 @@ def plan_pyramid_attention_broadcast(model: nn.Module, support: CacheSupport, co
                 continue
             if any(re.search(identifier, module_name) for identifier in identifiers):
                 state = session.track((group_of(support, module_name),), ContextualState(_State, session.context))
-                hook = _Broadcast(state, skip_range, timestep_range, timestep)
+                hook = _Broadcast(state, skip_range, timestep_range, session.clock)
                 placements.append((module, HOOK_NAME, hook))
                 break
     if not placements:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, TypeVar, final
+from typing import Final, NoReturn, TypeVar, final
 
 from diffcaps.cache._config import CacheConfig
 from diffcaps.cache._stats import CacheStats, Decisions, snapshot
@@ -11,7 +11,7 @@ from diffcaps.cache._targets import Placement
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, StateContext
 
-__all__ = ["CONTEXT_HINT", "DEFAULT_CONTEXT", "CacheSession"]
+__all__ = ["CONTEXT_HINT", "DEFAULT_CONTEXT", "CacheSession", "Clock"]
 
 D = TypeVar("D", bound=Decisions)
 
@@ -22,8 +22,36 @@ CONTEXT_HINT: Final = 'call the model inside `with diffcaps.cache.context(model,
 
 
 @final
+class Clock:
+    """The current timestep that attention caches compare with their timestep ranges.
+
+    ``now`` is set by ``diffcaps.cache.context(model, name, timestep=...)``; a config's
+    ``current_timestep_callback`` becomes ``callback`` and is asked instead.
+    """
+
+    __slots__ = ("callback", "now", "owner")
+
+    def __init__(self, owner: str, callback: Callable[[], float] | None = None) -> None:
+        self.owner = owner
+        self.callback = callback
+        self.now: float | None = None
+
+    def read(self) -> float:
+        """The current timestep (hooks inline this on their hot path)."""
+        value = self.now if self.callback is None else float(self.callback())
+        if value is None:
+            self.missing()
+        return value
+
+    def missing(self) -> NoReturn:
+        """Raise the error for a call made without a timestep."""
+        raise CacheError(f"{self.owner} needs the current timestep: pass it as "
+                         "`diffcaps.cache.context(model, name, timestep=t)` or set current_timestep_callback")
+
+
+@final
 class CacheSession:
-    """The enabled config, its hooks, the shared context, the states whose decisions count, the timestep.
+    """The enabled config, its hooks, the shared context, the states whose decisions count, the clock.
 
     It lives on the model instance while the cache is enabled; ``disable`` removes the hooks
     it lists and then the session itself.
@@ -34,24 +62,9 @@ class CacheSession:
         self.context = StateContext(default=None if requires_context else DEFAULT_CONTEXT,
                                     hint=f"{type(config).__name__} keeps state per denoising pass; {CONTEXT_HINT}")
         self.tracked: list[tuple[tuple[str, ...], ContextualState[Decisions]]] = []
-        self.timestep: float | None = None
+        self.clock = Clock(type(config).__name__, getattr(config, "current_timestep_callback", None))
         self.placements: list[Placement] = []
         self.calibrations: dict[str, tuple[float, ...]] = {}
-
-    def timestep_source(self, callback: Callable[[], float] | None) -> Callable[[], float]:
-        """Where hooks read the current timestep: ``callback`` if given, else the open context."""
-        if callback is not None:
-            call = callback
-            return lambda: float(call())
-
-        def from_context() -> float:
-            if self.timestep is None:
-                raise CacheError(
-                    f"{type(self.config).__name__} needs the current timestep: pass it as "
-                    "`diffcaps.cache.context(model, name, timestep=t)` or set current_timestep_callback"
-                )
-            return self.timestep
-        return from_context
 
     def track(self, groups: tuple[str, ...], state: ContextualState[D]) -> ContextualState[D]:
         """Count the decisions ``state`` logs under ``groups`` in the stats; returns ``state``."""

@@ -28,22 +28,18 @@ class StateContext:
     ends with ``hint`` (say how to open a context).
     """
 
-    __slots__ = ("_name", "default", "hint")
+    __slots__ = ("active", "default", "hint")
 
     def __init__(self, *, default: str | None = None, hint: str = "") -> None:
-        self._name: str | None = None
+        self.active: str | None = None
+        """The context opened by :meth:`use` (or :meth:`swap`), ``None`` outside one."""
         self.default = default
         self.hint = hint
 
     @property
-    def active(self) -> str | None:
-        """The context opened by :meth:`use`, or ``None`` outside one."""
-        return self._name
-
-    @property
     def current(self) -> str:
         """The context states are read from: the active one, else ``default``."""
-        name = self._name if self._name is not None else self.default
+        name = self.active if self.active is not None else self.default
         if name is None:
             hint = f": {self.hint}" if self.hint else ""
             raise ContextError(f"these hooks keep separate state per named context and none is active{hint}")
@@ -53,7 +49,7 @@ class StateContext:
         """Make ``name`` the active context (``None``: none) and return the one it replaces."""
         if name is not None and not name:
             raise ContextError("a context name must be a non-empty string")
-        outer, self._name = self._name, name
+        outer, self.active = self.active, name
         return outer
 
     @contextmanager
@@ -63,7 +59,7 @@ class StateContext:
         try:
             yield
         finally:
-            self._name = outer
+            self.active = outer
 
 
 @final
@@ -84,7 +80,7 @@ class ContextualState(Generic[S]):
 
     def get(self) -> S:
         """The state of the current context (made now if this context has none yet)."""
-        name = self._context._name  # the active context, read directly: this runs on every hooked call
+        name = self._context.active  # read directly: this runs on every hooked call
         if name is None:
             name = self._context.current
         state = self._states.get(name)
