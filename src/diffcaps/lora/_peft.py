@@ -110,7 +110,13 @@ def _config(kind: str, targets: Mapping[str, TargetWeights]) -> Any:
     return peft.LoHaConfig(alpha=alpha, init_weights=False, **common)
 
 
-def _placed(tensor: Tensor, like: Tensor, seen: set[int]) -> Tensor:
+@attrs.frozen
+class _Place:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _placed(tensor: Tensor, like: _Place, seen: set[int]) -> Tensor:
     out = tensor.to(device=like.device, dtype=like.dtype)
     if id(out) in seen or not out.is_contiguous():
         out = out.contiguous() if not out.is_contiguous() else out.clone()
@@ -144,7 +150,7 @@ def inject(model: nn.Module, name: str, targets: Mapping[str, TargetWeights]) ->
             _assign_lycoris(layer, name, w, weights[path], seen)
 
 
-def _assign_lora(layer: Any, name: str, w: LoRAWeights, like: Tensor, seen: set[int]) -> None:
+def _assign_lora(layer: Any, name: str, w: LoRAWeights, like: _Place, seen: set[int]) -> None:
     # peft made the layers on the meta device; they take the file's tensors as they are
     # (what set_peft_model_state_dict(..., low_cpu_mem_usage=True) does, without its model-wide walk)
     down, up = layer.lora_A[name], layer.lora_B[name]
@@ -155,13 +161,18 @@ def _assign_lora(layer: Any, name: str, w: LoRAWeights, like: Tensor, seen: set[
         up.bias = nn.Parameter(_placed(bias, like, seen), requires_grad=False)
 
 
-def _weight_of(model: nn.Module, path: str) -> Tensor:
-    weight = base_linear(model.get_submodule(path)).weight
+def _weight_of(model: nn.Module, path: str) -> _Place:
+    # adapters live where the base weight lives, in the dtype the layer computes in: a base layer
+    # stored low declares it as ``compute_dtype`` (peft's convention, which layerwise casting follows)
+    base = base_linear(model.get_submodule(path))
+    weight = base.weight
     assert isinstance(weight, Tensor)
-    return weight
+    compute: object = base.__dict__.get("compute_dtype", weight.dtype)
+    dtype = compute if isinstance(compute, torch.dtype) and compute.is_floating_point else weight.dtype
+    return _Place(device=weight.device, dtype=dtype)
 
 
-def _assign_lycoris(layer: Any, name: str, w: TargetWeights, like: Tensor, seen: set[int]) -> None:
+def _assign_lycoris(layer: Any, name: str, w: TargetWeights, like: _Place, seen: set[int]) -> None:
     if isinstance(w, LoKrWeights):
         factors: dict[str, Tensor] = {}
         for label, factor in (("lokr_w1", w.w1), ("lokr_w2", w.w2)):
