@@ -21,11 +21,13 @@ def eager(function: Callable[P, R]) -> Callable[P, R]:
     there, so counters and data-dependent decisions are not traced or guarded on); outside
     compilation it is a plain call, without the cost of the disable wrapper.
     """
-    disabled: Callable[P, R] = torch.compiler.disable(function)  # type: ignore[no-untyped-call]  # untyped in torch
+    disabled: list[Callable[P, R]] = []  # made on first use: torch.compiler.disable imports dynamo (~1.5 s)
 
     @functools.wraps(function)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         if torch.compiler.is_dynamo_compiling():
-            return disabled(*args, **kwargs)
+            if not disabled:
+                disabled.append(torch.compiler.disable(function))  # type: ignore[no-untyped-call]  # untyped in torch
+            return disabled[0](*args, **kwargs)
         return function(*args, **kwargs)
     return call
