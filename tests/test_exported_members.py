@@ -29,3 +29,12 @@ def test_import_diffcaps_does_not_import_heavy_dependencies() -> None:
     code = "import sys, diffcaps.models.flux; print(','.join(m for m in ('peft', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_import_diffcaps_does_not_import_dynamo() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, diffcaps.models.flux; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"  # torch.compile machinery costs ~1.5 s to import; features load it on use
