@@ -17,8 +17,9 @@ from diffcaps.io._loading import (
     load_weights as load_weights,
     on_meta_device as on_meta_device,
 )
+from diffcaps.io._mapped import MappedSafetensors as MappedSafetensors, SafetensorsReader as SafetensorsReader
 from diffcaps.io._safetensors import (
-    SafetensorsReader as SafetensorsReader,
+    SafetensorsHeader as SafetensorsHeader,
     TensorInfo as TensorInfo,
     read_header as read_header,
     save_safetensors as save_safetensors,
@@ -28,6 +29,8 @@ __all__ = [
     "CONFIG_NAME",
     "INDEX_NAME",
     "WEIGHTS_NAME",
+    "MappedSafetensors",
+    "SafetensorsHeader",
     "SafetensorsReader",
     "TensorInfo",
     "WeightSource",

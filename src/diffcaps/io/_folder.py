@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from diffcaps.errors import CheckpointError, ConfigError
-from diffcaps.io._safetensors import TensorInfo, read_header, save_safetensors
+from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header, save_safetensors
 
 __all__ = [
     "CONFIG_NAME",
@@ -72,6 +72,7 @@ class WeightSource:
     files: tuple[Path, ...]
     entries: Mapping[str, tuple[Path, TensorInfo]]
     pickled: bool = False
+    headers: Mapping[Path, SafetensorsHeader] = attrs.field(factory=dict)
 
     def by_file(self) -> Iterator[tuple[Path, list[str]]]:
         """Group tensor names by the file that holds them, in file order."""
@@ -82,7 +83,7 @@ class WeightSource:
 def _single_file_source(path: Path) -> WeightSource:
     header = read_header(path)
     return WeightSource(
-        files=(path,), entries={key: (path, info) for key, info in header.tensors.items()}
+        files=(path,), entries={key: (path, info) for key, info in header.tensors.items()}, headers={path: header}
     )
 
 
@@ -94,19 +95,20 @@ def _sharded_source(index_path: Path) -> WeightSource:
         raise CheckpointError(f"unreadable shard index ({exc!r})", path=index_path) from None
     entries: dict[str, tuple[Path, TensorInfo]] = {}
     files: list[Path] = []
+    headers: dict[Path, SafetensorsHeader] = {}
     for shard_name in dict.fromkeys(weight_map.values()):
         shard = index_path.parent / shard_name
         if not shard.is_file():
             raise CheckpointError(f"the index names shard {shard_name!r}, which is missing", path=index_path)
         files.append(shard)
-        header = read_header(shard)
+        header = headers[shard] = read_header(shard)
         for key in (k for k, v in weight_map.items() if v == shard_name):
             if key not in header.tensors:
                 raise CheckpointError(f"the index places {key!r} here, but the shard lacks it", path=shard)
             entries[key] = (shard, header.tensors[key])
         for key in header.tensors.keys() - weight_map.keys():
             raise CheckpointError(f"tensor {key!r} is in the shard but not in the index", path=shard)
-    return WeightSource(files=tuple(files), entries=entries)
+    return WeightSource(files=tuple(files), entries=entries, headers=headers)
 
 
 def find_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:

@@ -9,7 +9,7 @@ import torch
 
 from diffcaps.errors import CheckpointError, ShapeError
 from diffcaps.io._folder import WeightSource
-from diffcaps.io._safetensors import SafetensorsReader
+from diffcaps.io._mapped import SafetensorsReader
 
 __all__ = ["assign_tensor", "expected_tensors", "load_weights", "on_meta_device"]
 
@@ -84,7 +84,7 @@ def load_weights(
                 target = _target_dtype(state[file_key].dtype, expected[name][1], torch_dtype)
                 assign_tensor(model, name, state.pop(file_key).to(device=device, dtype=target))
             continue
-        with SafetensorsReader(path, device=device) as reader:
+        with SafetensorsReader(path, device=device, header=source.headers.get(path)) as reader:
             for file_key in keys:
                 name = by_file_key[file_key]
                 target = _target_dtype(source.entries[file_key][1].dtype, expected[name][1], torch_dtype)

@@ -17,13 +17,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import torch
 
 from diffcaps.errors import CheckpointError
 from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header
 
-__all__ = ["MappedSafetensors"]
+__all__ = ["MappedSafetensors", "SafetensorsReader"]
 
 _PAGE = mmap.PAGESIZE
 _CAN_ADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap, "MADV_WILLNEED")
@@ -47,7 +48,7 @@ class MappedSafetensors:
             whole = torch.frombuffer(self._map, dtype=torch.uint8)
             self._span = (whole.data_ptr(), whole.data_ptr() + size)
 
-    def __enter__(self) -> MappedSafetensors:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -122,3 +123,32 @@ class MappedSafetensors:
 def _pages(start: int, length: int) -> tuple[int, int]:
     first = start - start % _PAGE
     return first, start + length - first
+
+
+class SafetensorsReader(MappedSafetensors):
+    """A mapped safetensors file whose tensors are handed out ready to keep.
+
+    ``get(key)`` returns the zero-copy view (copy-on-write: writing to it never reaches the
+    file) when no cast or device move is needed; otherwise a cast copy, after which the
+    tensor's pages are released, so reading a file one tensor at a time and casting holds
+    about one tensor of the file beyond what the caller keeps.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                 header: SafetensorsHeader | None = None) -> None:
+        super().__init__(path, header=header)
+        self.device = torch.device(device)
+
+    def keys(self) -> list[str]:
+        """Tensor names in the file, in header order."""
+        return list(self.header.tensors)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor on ``device``, cast to ``dtype`` when given."""
+        view = self.view(key)
+        if (dtype is None or dtype == view.dtype) and self.device.type == "cpu":
+            return view
+        kept = view.to(device=self.device, dtype=dtype or view.dtype, copy=True)
+        del view
+        self.release(key)
+        return kept

@@ -8,14 +8,11 @@ so a model memory-mapped from a file survives being saved over that same file.
 
 from __future__ import annotations
 
-import ctypes
-import io
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import attrs
@@ -23,7 +20,7 @@ import torch
 
 from diffcaps.errors import CheckpointError
 
-__all__ = ["SafetensorsReader", "TensorInfo", "read_header", "save_safetensors"]
+__all__ = ["SafetensorsHeader", "TensorInfo", "read_header", "save_safetensors"]
 
 DTYPES: Final[Mapping[str, torch.dtype]] = {
     "F64": torch.float64,
@@ -124,89 +121,6 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         metadata={str(k): str(v) for k, v in metadata.items()},
         data_start=data_start,
     )
-
-
-class SafetensorsReader:
-    """An open safetensors file: its header, and tensors read one at a time.
-
-    ``get(key)`` returns a tensor backed by a private, copy-on-write memory map of the file:
-    nothing is copied until a page is written to, so loading is as fast as the page cache.
-    ``get(key, dtype=...)`` with another dtype reads the stored bytes into a reused staging
-    buffer and casts from there, so a cast load never holds the file's pages and the
-    process's peak memory stays near the size of the cast weights.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> None:
-        self.header = read_header(path)
-        self.path = self.header.path
-        self.device = torch.device(device)
-        self._mapped: Any = None
-        self._file: io.FileIO | None = None
-        self._staging = torch.empty(0, dtype=torch.uint8)
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the file; tensors already returned stay valid."""
-        self._mapped = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._staging = torch.empty(0, dtype=torch.uint8)
-
-    def keys(self) -> list[str]:
-        """Tensor names in the file, in header order."""
-        return list(self.header.tensors)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.header.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.header.tensors
-
-    def info(self, key: str) -> TensorInfo:
-        """Dtype and shape of one tensor, from the header."""
-        return self.header.tensors[key]
-
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor on ``device``, cast to ``dtype`` when given."""
-        info = self.header.tensors[key]
-        if dtype is None or dtype == info.dtype:
-            return self._mapped_tensor(key).to(self.device)
-        return self._staged_tensor(key, info).to(device=self.device, dtype=dtype)
-
-    def _mapped_tensor(self, key: str) -> torch.Tensor:
-        if self._mapped is None:
-            from safetensors import safe_open
-
-            try:
-                self._mapped = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own untyped errors
-                raise _not_safetensors(self.path, str(exc)) from None
-        tensor: torch.Tensor = self._mapped.get_tensor(key)
-        return tensor
-
-    def _staged_tensor(self, key: str, info: TensorInfo) -> torch.Tensor:
-        if self._file is None:
-            self._file = self.path.open("rb", buffering=0)
-        if self._staging.numel() < info.nbytes:
-            self._staging = torch.empty(info.nbytes, dtype=torch.uint8)
-        staged = self._staging[: info.nbytes]
-        if info.nbytes:
-            target = (ctypes.c_char * info.nbytes).from_address(staged.data_ptr())
-            self._file.seek(self.header.data_start + info.start)
-            if self._file.readinto(target) != info.nbytes:
-                raise CheckpointError(f"truncated while reading tensor {key!r}", path=self.path)
-        return staged.view(info.dtype).reshape(info.shape)
 
 
 def save_safetensors(
