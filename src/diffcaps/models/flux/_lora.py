@@ -21,8 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import LoRAError
-from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
-from diffcaps.weights import SWAP_HALVES
 from diffcaps.lora import (
     LORA_SUFFIXES,
     InputWidening,
@@ -37,6 +35,8 @@ from diffcaps.lora import (
     metadata_scale,
     model_linears,
 )
+from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
+from diffcaps.weights import SWAP_HALVES
 
 __all__ = ["FLUX_LORA", "FLUX_LORA_FORMATS", "bfl_table", "detect_flux_lora_format"]
 
