@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import Final
 
 import torch
 
@@ -14,11 +16,46 @@ from diffcaps.io._mapped import SafetensorsReader
 __all__ = ["assign_tensor", "expected_tensors", "load_weights", "on_meta_device"]
 
 
+_INITIALISED_LAYERS: Final[tuple[type[torch.nn.Module], ...]] = (
+    torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.Embedding, torch.nn.GroupNorm,
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+)
+_patch_lock = threading.Lock()
+_patch_depth = 0
+
+
+def _skipping_meta(original: Callable[[torch.nn.Module], None]) -> Callable[[torch.nn.Module], None]:
+    def reset_parameters(module: torch.nn.Module) -> None:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            return  # the values are about to be replaced by the file's: drawing them is wasted work
+        original(module)
+
+    reset_parameters.__wrapped__ = original  # type: ignore[attr-defined]
+    return reset_parameters
+
+
 @contextlib.contextmanager
 def on_meta_device() -> Iterator[None]:
-    """Build modules without allocating or initialising their parameters."""
-    with torch.device("meta"):
-        yield
+    """Build modules without allocating or initialising their parameters.
+
+    Inside, the common layers skip ``reset_parameters`` for parameters on the meta device
+    (other threads building real modules meanwhile are initialised as usual).
+    """
+    global _patch_depth
+    with _patch_lock:
+        if _patch_depth == 0:
+            for layer in _INITIALISED_LAYERS:
+                setattr(layer, "reset_parameters", _skipping_meta(getattr(layer, "reset_parameters")))
+        _patch_depth += 1
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                for layer in _INITIALISED_LAYERS:
+                    setattr(layer, "reset_parameters", getattr(layer, "reset_parameters").__wrapped__)
 
 
 def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -76,8 +76,11 @@ class MappedSafetensors:
         """Dtype, shape and byte range of one tensor, from the header."""
         return self.header.tensors[key]
 
-    def view(self, key: str) -> torch.Tensor:
+    def view(self, key: str, *, prefetch: bool = True) -> torch.Tensor:
         """The tensor ``key`` as a view into the mapped file: no bytes are read yet.
+
+        ``prefetch`` asks the kernel to start reading its pages now (for a view about to be
+        copied); leave it off for a view that is kept, so pages are read on first use.
 
         Copy what you keep (``.to(..., copy=True)``): the view is only valid while the file
         is open, and its memory belongs to the mapping.
@@ -88,7 +91,7 @@ class MappedSafetensors:
         if self._map is None:
             raise CheckpointError("the file was closed before reading", path=self.path)
         start = self.header.data_start + info.start
-        if _CAN_ADVISE:
+        if prefetch and _CAN_ADVISE:
             self._map.madvise(mmap.MADV_WILLNEED, *_pages(start, info.nbytes))
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=start)
         if start % info.dtype.itemsize:  # a writer that did not align: copy once to realign
@@ -145,8 +148,10 @@ class SafetensorsReader(MappedSafetensors):
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor on ``device``, cast to ``dtype`` when given."""
-        view = self.view(key)
-        if (dtype is None or dtype == view.dtype) and self.device.type == "cpu":
+        stored = self.header.tensors[key].dtype
+        keep_view = (dtype is None or dtype == stored) and self.device.type == "cpu"
+        view = self.view(key, prefetch=not keep_view)
+        if keep_view:
             return view
         kept = view.to(device=self.device, dtype=dtype or view.dtype, copy=True)
         del view
