@@ -81,6 +81,8 @@ CACHE_CASES: dict[str, tuple[Case, str, str]] = {
     "mag-cache-ring": (Case(ring=2, height=3, width=3, text=5), "mag", "before"),
     "pyramid-broadcast-ulysses": (Case(ulysses=2, height=3, width=3, text=5), "pab", "after"),
     "taylorseer-ulysses-lora": (Case(ulysses=2, height=4, width=3, text=5, lora=True), "taylorseer", "after"),
+    "first-block-ulysses": (Case(ulysses=2, height=3, width=3, text=5), "fbc", "before"),
+    "first-block-ring-uneven": (Case(ring=2, height=3, width=3, text=4), "fbc", "after"),
 }
 
 
@@ -88,6 +90,8 @@ def cache_config(kind: str) -> Any:
     """A cache config that skips work on a 5-step schedule."""
     from diffcaps.cache import MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
+    if kind == "fbc":  # decides from the data: on these cases it skips steps 2 and 4 (changes 0.65–0.7 vs > 0.75)
+        return FirstBlockCacheConfig(threshold=0.72)
     if kind == "mag":
         return MagCacheConfig(threshold=1.0, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=CACHE_STEPS,
                               mag_ratios=(1.0,) * CACHE_STEPS)
@@ -242,18 +246,7 @@ def _bad_input_checks(rank: int) -> dict[str, Any]:
         checks["bad-timeout"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
                                                                                        timeout=0))
         checks["unchanged"] = current(model) is None and not model.__dict__.get("_diffcaps_hooks")
-    if rank == 0:
-        from diffcaps import cache
-
-        cache.enable(model, FirstBlockCacheConfig(threshold=0.1))
-        checks["first-block-cache"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
-        cache.disable(model)
     enable_context_parallel(model, ulysses_degree=2, timeout=60)
-    if rank == 0:
-        cache.enable(model, FirstBlockCacheConfig(threshold=0.1))
-        with torch.no_grad():
-            checks["first-block-cache-later"] = _expect(ParallelError, lambda: model(**inputs))
-        cache.disable(model)
     checks["enable-twice"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
     if rank == 0:
         checks["grad-enabled"] = _expect(ParallelError, lambda: model(**{**inputs, "hidden_states":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, final
 
+import torch
 from torch import Tensor, nn
 
 from diffcaps.cache._config import FirstBlockCacheConfig
@@ -17,7 +18,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._targets import BlockIO, Placement, block_lists
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
-from diffcaps.hooks import ContextualState, Forward, Hook, eager
+from diffcaps.hooks import ContextualState, Forward, Hook, eager, sum_over_shards, summing_over_shards
 
 __all__ = ["plan_first_block_cache"]
 
@@ -71,7 +72,11 @@ class _Head(Hook):
         if previous is None or state.tail_residuals is None:
             compute = True
         else:
-            change: float = ((residual - previous).abs().mean() / previous.abs().mean()).item()
+            if summing_over_shards():  # a sharded call: every shard decides from the same totals
+                totals = sum_over_shards(torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).double())
+                change = (totals[0] / totals[1]).item()
+            else:
+                change = ((residual - previous).abs().mean() / previous.abs().mean()).item()
             compute = change > self.threshold
         state.compute = compute
         state.decisions.append(compute)

@@ -21,12 +21,19 @@ from diffcaps.hooks._registry import (
     remove_hook as remove_hook,
     reset_hooks as reset_hooks,
 )
+from diffcaps.hooks._shards import (
+    Reducer as Reducer,
+    sharded as sharded,
+    sum_over_shards as sum_over_shards,
+    summing_over_shards as summing_over_shards,
+)
 from diffcaps.hooks._state import ContextualState as ContextualState, StateContext as StateContext
 
 __all__ = [
     "ContextualState",
     "Forward",
     "Hook",
+    "Reducer",
     "StateContext",
     "add_hook",
     "eager",
@@ -35,4 +42,7 @@ __all__ = [
     "hooked_modules",
     "remove_hook",
     "reset_hooks",
+    "sharded",
+    "sum_over_shards",
+    "summing_over_shards",
 ]

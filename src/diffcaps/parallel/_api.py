@@ -13,7 +13,7 @@ from torch import nn
 from diffcaps.errors import ParallelError
 from diffcaps.hooks import add_hook, remove_hook
 from diffcaps.parallel._comm import Communicator
-from diffcaps.parallel._hooks import GATHER_HOOK, SPLIT_HOOK, GatherHook, SplitHook, refuse_data_dependent_cache
+from diffcaps.parallel._hooks import GATHER_HOOK, SPLIT_HOOK, GatherHook, SplitHook
 from diffcaps.parallel._kernels import ContextParallelKernel
 from diffcaps.parallel._service import ContextParallelPlan
 from diffcaps.parallel._session import Session
@@ -107,7 +107,6 @@ def enable_context_parallel(model: SupportsContextParallel, *, ulysses_degree: i
         raise ParallelError(f"context parallelism is already enabled on this {type(model).__name__}; "
                             "call diffcaps.parallel.disable(model) first")
     attention, gathered = _targets(model, plan)
-    refuse_data_dependent_cache(model)
     require_process_group()
     topology = make_topology(ulysses, ring, mesh, wait)  # the first communication: creating groups
     comm = Communicator(rank=topology.rank, session=next(_sessions), timeout=wait, world_ranks=topology.members)

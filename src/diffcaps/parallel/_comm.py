@@ -147,6 +147,15 @@ class Communicator:
         return dist.all_to_all_single(receive.view(-1), send.reshape(-1), receive_sizes, send_sizes,
                                       group=axis.group, async_op=True)
 
+    def all_reduce_sum(self, tensor: Tensor, axes: Sequence[Axis], what: str) -> Tensor:
+        """``tensor`` summed element-wise over every member of ``axes`` (a new tensor)."""
+        total = tensor.clone()
+        for axis in axes:
+            if axis.size > 1:
+                work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=axis.group, async_op=True)
+                self.wait([work], what, axis.group)
+        return total
+
     def all_gather(self, tensor: Tensor, axis: Axis, what: str) -> list[Tensor]:
         """Every member's ``tensor`` (all of the same shape), in member order."""
         out = [torch.empty_like(tensor) for _ in range(axis.size)]

@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, cast, final
+from typing import Any, Final, final
 
 import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import ParallelError, RankFailure
-from diffcaps.hooks import Forward, Hook
+from diffcaps.hooks import Forward, Hook, sharded
 from diffcaps.parallel._layout import Layout, shard_sizes
 from diffcaps.parallel._service import GatherOutput, SplitInput
 from diffcaps.parallel._session import Session
 
-if TYPE_CHECKING:
-    from diffcaps.protocols import SupportsCache
-
-__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "SplitHook", "refuse_data_dependent_cache"]
+__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "SplitHook"]
 
 SPLIT_HOOK: Final = "diffcaps.parallel.split"
 GATHER_HOOK: Final = "diffcaps.parallel.gather"
-
-
-def refuse_data_dependent_cache(module: nn.Module) -> None:
-    """Raise if ``module`` runs a cache whose skip decisions depend on each rank's own data.
-
-    First Block Cache compares the first block's residual with the previous step's: on a
-    shard, each rank would measure its own change and could decide differently from the
-    others, and a rank that skips the remaining blocks leaves the others waiting in attention.
-    The decision-by-schedule caches (MagCache, Pyramid Attention Broadcast, FasterCache,
-    TaylorSeer) decide alike on every rank and are fine.
-    """
-    from diffcaps.cache import FirstBlockCacheConfig, current
-
-    config = current(cast("SupportsCache", module))
-    if isinstance(config, FirstBlockCacheConfig):
-        raise ParallelError(
-            "First Block Cache decides from each rank's own shard, so ranks could disagree on which blocks "
-            "to skip; with context parallelism use MagCache, Pyramid Attention Broadcast, FasterCache or "
-            "TaylorSeer, whose decisions follow the step schedule and agree on every rank"
-        )
 
 
 def _grad_needed(module: nn.Module, values: Mapping[str, Any]) -> bool:
@@ -67,7 +44,6 @@ class SplitHook(Hook):
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         session.check_usable()
-        refuse_data_dependent_cache(module)
         for name, gathered in session.gathered:
             if module.get_submodule(name) is not gathered:
                 raise ParallelError(
@@ -88,8 +64,14 @@ class SplitHook(Hook):
                 values[name] = self._split(name, split, values[name], streams)
         session.layout = Layout(session.topology.position, session.topology.world,
                                 (length for _, length in streams.values()))
+        topology = session.topology
+
+        def summed(statistics: Tensor) -> Tensor:
+            return session.comm.all_reduce_sum(statistics, (topology.ring, topology.ulysses), "a cache decision")
+
         try:
-            return forward(*bound.args[1:], **bound.kwargs)
+            with sharded(summed):  # data-dependent decisions (First Block Cache) see every shard's totals
+                return forward(*bound.args[1:], **bound.kwargs)
         except RankFailure:
             session.broken = "a peer rank failed"
             raise
