@@ -133,7 +133,11 @@ def test_a_stalled_rank_times_out_instead_of_hanging(two_ranks: list[dict[str, A
     checks = two_ranks[0]["stall"]
     assert "error" not in checks, checks.get("error")
     assert checks["stall"].startswith("ok: rank 0:")
-    assert "timed out after 1.5 s" in checks["stall"] and "no other rank reported an error" in checks["stall"]
+    message = checks["stall"]
+    # Our 1.5 s deadline, or gloo's own group timeout when the machine is loaded: either way the
+    # wait ends and the message says that no rank reported an error, so one is stalled.
+    assert "timed out after 1.5 s" in message or "did not complete" in message, message
+    assert "no other rank reported an error" in message, message
 
 
 # --- in this process: no process group -----------------------------------------------------
