@@ -53,3 +53,14 @@ def test_casting_then_compile() -> None:
 def test_a_model_without_repeated_blocks_is_refused() -> None:
     with pytest.raises(CapabilityError, match="Linear does not support 'repeated_blocks'"):
         compile_repeated_blocks(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_whole_model_compiles_in_one_graph() -> None:
+    torch._dynamo.reset()
+    model = seeded_model(TINY)
+    expected = _out(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # no graph break anywhere
+    with torch.no_grad():
+        got = compiled(**flux_inputs(TINY, batch=2))
+    assert type(got).__name__ == "FluxOutput"
+    assert torch.equal(got.sample, expected)

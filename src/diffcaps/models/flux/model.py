@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Literal, final, overload
 
@@ -71,9 +72,12 @@ class FluxCapabilities(Capabilities):
     )
 
 
-@attrs.frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class FluxOutput:
-    """The model's output: ``sample`` has the input's shape with ``out_channels`` features."""
+    """The model's output: ``sample`` has the input's shape with ``out_channels`` features.
+
+    (A dataclass rather than attrs: ``torch.compile`` traces dataclass construction.)
+    """
 
     sample: Tensor
 
