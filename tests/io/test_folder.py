@@ -240,3 +240,15 @@ def test_in_place_updates_never_reach_the_file(tmp_path: Path) -> None:
             p.add_(1.0)
     fresh = FluxTransformer2DModel.from_pretrained(tmp_path)
     _assert_same_state(fresh, model)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    save_tiny_folder(tmp_path)
+    mode = stat.S_IMODE((tmp_path / WEIGHTS_NAME).stat().st_mode)
+    assert mode == 0o666 & ~mask
+    assert not list(tmp_path.glob(".*partial"))

@@ -20,7 +20,7 @@ import torch
 
 from diffcaps.errors import CheckpointError
 
-__all__ = ["SafetensorsHeader", "TensorInfo", "read_header", "save_safetensors"]
+__all__ = ["SafetensorsHeader", "TensorInfo", "publish", "read_header", "save_safetensors"]
 
 DTYPES: Final[Mapping[str, torch.dtype]] = {
     "F64": torch.float64,
@@ -123,6 +123,18 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     )
 
 
+def publish(temporary: Path, path: Path) -> None:
+    """Move a finished temporary file onto ``path`` atomically, with the usual permissions.
+
+    (Temporary files are created private; a saved model should be as readable as any file
+    the user creates.)
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(temporary, 0o666 & ~mask)
+    os.replace(temporary, path)
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -137,6 +149,6 @@ def save_safetensors(
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file(contiguous, str(partial), metadata=dict(metadata or {"format": "pt"}))
-        os.replace(partial, path)
+        publish(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from diffcaps.io._folder import INDEX_NAME, WEIGHTS_NAME, parse_size
-from diffcaps.io._safetensors import DTYPES
+from diffcaps.io._safetensors import DTYPES, publish
 
 __all__ = ["TensorSlot", "plan_shards", "write_safetensors_stream", "write_shard_index", "write_sharded_stream"]
 
@@ -120,7 +120,7 @@ def write_sharded_stream(
         if leftover is not None:
             raise ValueError(f"tensor {leftover[0]!r} has no slot in the files being written")
         for (path, _), temporary in zip(files, temporaries, strict=True):
-            os.replace(temporary, path)
+            publish(temporary, path)
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
