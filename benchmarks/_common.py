@@ -23,8 +23,20 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process since the last ``reset_peak_rss``.
+
+    (``getrusage``'s maximum is inherited across exec from the forking parent, so a child
+    started by a parent holding a large model would report the parent's size.)
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start measuring the peak resident set size from the current size."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

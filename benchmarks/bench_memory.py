@@ -16,20 +16,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, rss_bytes, run_child, timed  # noqa: E402
+from _common import peak_rss_bytes, print_table, reset_peak_rss, rss_bytes, run_child, timed  # noqa: E402
 
 HERE = str(Path(__file__).resolve())
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _load(lib: str, folder: str) -> Any:
@@ -73,10 +62,10 @@ def _child(mode: str, lib: str, folder: str, work: str) -> dict[str, Any]:
 
         gc.collect()
         resting = rss_bytes()
-        _reset_peak()
+        reset_peak_rss()
         with torch.no_grad():
             model(**inputs)
-        return {"weights": weights, "resting": resting, "peak": _peak()}
+        return {"weights": weights, "resting": resting, "peak": peak_rss_bytes()}
     if mode == "fp8":
         if lib == "diffcaps":
             from diffcaps.casting import enable_layerwise_casting
@@ -96,9 +85,9 @@ def _child(mode: str, lib: str, folder: str, work: str) -> dict[str, Any]:
                 model.enable_gradient_checkpointing()
         inputs = _inputs(model.config, tokens=1024, text=128)
         base = rss_bytes()
-        _reset_peak()
+        reset_peak_rss()
         model(**inputs).sample.square().mean().backward()
-        return {"peak_over_start": _peak() - base}
+        return {"peak_over_start": peak_rss_bytes() - base}
     raise ValueError(mode)
 
 
