@@ -143,3 +143,14 @@ def test_cuda_onload_with_and_without_streams(use_stream: bool) -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     disable_group_offloading(model)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_disk_offloading_keeps_no_view_of_the_loaded_file(tmp_path: Path) -> None:
+    seeded_model(TINY).save_pretrained(tmp_path / "model")
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "model")  # weights map the file
+    mapped = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    expected = _out(model)
+    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path / "groups")
+    # Any parameter still viewing the loaded file's mapping would keep its pages resident.
+    assert not mapped & {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert torch.equal(_out(model), expected)

@@ -163,6 +163,7 @@ def enable_group_offloading(
     state = OffloadState(groups=groups, rest=rest, hooked=[], offload_type=offload_type, disk_folder=disk,
                          stream=_side_stream() if use_stream else None)
     written: list[Path] = []
+    rest.private_copies = disk is not None
     try:
         for g in [*groups, rest]:
             if disk is not None and g is not rest:

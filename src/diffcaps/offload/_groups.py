@@ -56,6 +56,7 @@ class OffloadGroup:
         self.home: dict[int, torch.device] = {}
         self.onloaded = False
         self.moves = 0
+        self.private_copies = False
 
     def slots(self) -> Iterator[tuple[str, Slot]]:
         """(qualified name under the group's modules, slot) for every tensor the group holds now."""
@@ -73,7 +74,9 @@ class OffloadGroup:
             yield _tensor(slot)
 
     def _rest_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        copy = tensor.detach().to(self.offload_device)
+        # A private copy when other groups live on disk: a tensor loaded from a file may be a
+        # view of that file's mapping, which would keep every page read so far resident.
+        copy = tensor.detach().to(self.offload_device, copy=self.private_copies)
         if self.pin_memory and copy.device.type == "cpu" and not copy.is_pinned():
             copy = copy.pin_memory()
         return copy
