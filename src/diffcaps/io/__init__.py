@@ -9,7 +9,6 @@ from diffcaps.io._folder import (
     parse_size as parse_size,
     read_config as read_config,
     resolve_model_folder as resolve_model_folder,
-    write_weights as write_weights,
 )
 from diffcaps.io._loading import (
     assign_tensor as assign_tensor,
@@ -24,6 +23,7 @@ from diffcaps.io._safetensors import (
     read_header as read_header,
     save_safetensors as save_safetensors,
 )
+from diffcaps.io._streaming import write_weights as write_weights
 
 __all__ = [
     "CONFIG_NAME",

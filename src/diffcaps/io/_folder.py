@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from diffcaps.errors import CheckpointError, ConfigError
-from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header, save_safetensors
+from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header
 
 __all__ = [
     "CONFIG_NAME",
@@ -24,7 +24,6 @@ __all__ = [
     "parse_size",
     "read_config",
     "resolve_model_folder",
-    "write_weights",
 ]
 
 CONFIG_NAME: Final = "config.json"
@@ -161,45 +160,3 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"a shard size must be positive, got {size!r}")
     return value
-
-
-def _shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and used + nbytes > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += nbytes
-    return shards
-
-
-def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_size: int | str) -> list[Path]:
-    """Write a state dict as one safetensors file, or as shards plus an index when it is larger.
-
-    Weight files from an earlier save that the new layout does not use are removed last,
-    once everything new is in place.
-    """
-    shards = _shard_plan(state, parse_size(max_shard_size))
-    previous = {folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")}
-    written: list[Path] = []
-    if len(shards) == 1:
-        save_safetensors(state, folder / WEIGHTS_NAME)
-        written.append(folder / WEIGHTS_NAME)
-    else:
-        weight_map: dict[str, str] = {}
-        stem = WEIGHTS_NAME.removesuffix(".safetensors")
-        for number, keys in enumerate(shards, start=1):
-            name = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors({key: state[key] for key in keys}, folder / name)
-            weight_map.update(dict.fromkeys(keys, name))
-            written.append(folder / name)
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        written.append(folder / INDEX_NAME)
-    for stale in previous - set(written):
-        stale.unlink(missing_ok=True)
-    return written

@@ -21,7 +21,14 @@ import torch
 from diffcaps.io._folder import INDEX_NAME, WEIGHTS_NAME, parse_size
 from diffcaps.io._safetensors import DTYPES, publish
 
-__all__ = ["TensorSlot", "plan_shards", "write_safetensors_stream", "write_shard_index", "write_sharded_stream"]
+__all__ = [
+    "TensorSlot",
+    "plan_shards",
+    "write_safetensors_stream",
+    "write_shard_index",
+    "write_sharded_stream",
+    "write_weights",
+]
 
 _DTYPE_NAMES: Final[Mapping[torch.dtype, str]] = {dtype: name for name, dtype in DTYPES.items()}
 _ALIGN: Final = 8
@@ -160,3 +167,21 @@ def write_shard_index(index: Path, files: Sequence[tuple[Path, Sequence[TensorSl
     total = sum(slot.nbytes for _, slots in files for slot in slots)
     payload = {"metadata": {"total_size": total}, "weight_map": weight_map}
     index.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_size: int | str) -> list[Path]:
+    """Write a state dict as one safetensors file, or as shards plus an index when it is larger.
+
+    Tensors are written one at a time. Weight files from an earlier save that the new layout
+    does not use are removed last, once everything new is in place.
+    """
+    previous = {folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")}
+    slots = [TensorSlot(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()]
+    files, index = plan_shards(folder, slots, max_shard_size=max_shard_size)
+    written = write_sharded_stream(files, state.items())
+    if index is not None:
+        write_shard_index(index, files)
+        written.append(index)
+    for stale in previous - set(written):
+        stale.unlink(missing_ok=True)
+    return written
