@@ -5,7 +5,7 @@ A model is a ``torch.nn.Module`` deriving from :class:`Model`; what it can do is
 through functions that take the model first (``diffcaps.lora.load_adapter(model, ...)``).
 """
 
-from diffcaps._service import ModuleTypes as ModuleTypes
+from diffcaps.services import ModuleTypes as ModuleTypes
 from diffcaps.capabilities import Capabilities as Capabilities
 from diffcaps.config import ModelConfig as ModelConfig
 from diffcaps.metadata import CapabilityRow as CapabilityRow, ModelMetadata as ModelMetadata

@@ -1,30 +1,32 @@
 """``Capabilities``: the one place a model declares what it can do.
 
 Each field holds the service for one feature, or ``None`` where the model lacks it. A model
-folder subclasses ``Capabilities``, narrows the fields it supports to their service type
-(with an ``instance_of`` validator, so ``attrs.evolve`` cannot put ``None`` back) and marks
-the subclass ``@final``. Field metadata carries the row description and docs link that
+folder subclasses ``Capabilities``, narrows each field it supports with :func:`capability`
+(one line a field: ``lora: LoRAService = capability(MY_LORA)``) and marks the subclass
+``@final``. Field metadata carries the row description and docs link that
 ``Model.metadata()`` shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 
-from diffcaps._service import ModuleTypes, Service
-from diffcaps.cache._service import CacheSupport
-from diffcaps.casting._service import LayerwiseCasting
-from diffcaps.checkpointing._service import GradientCheckpointing
-from diffcaps.ip_adapter._service import IPAdapterSupport
-from diffcaps.lora._service import LoRAService
-from diffcaps.offload._service import GroupOffloading
-from diffcaps.parallel._service import ContextParallelPlan
-from diffcaps.weights._service import WeightMapper
+from diffcaps.services import ModuleTypes, Service
+from diffcaps.cache.spec import CacheSupport
+from diffcaps.casting.spec import LayerwiseCasting
+from diffcaps.checkpointing.spec import GradientCheckpointing
+from diffcaps.ip_adapter.spec import IPAdapterSupport
+from diffcaps.lora.spec import LoRAService
+from diffcaps.offload.spec import GroupOffloading
+from diffcaps.parallel.spec import ContextParallelPlan
+from diffcaps.weights.spec import WeightMapper
 
-__all__ = ["DOCS_BASE", "Capabilities", "FieldInfo", "capability_fields"]
+__all__ = ["DOCS_BASE", "Capabilities", "FieldInfo", "capability", "capability_fields"]
+
+S = TypeVar("S")
 
 DOCS_BASE: Final = "README.md"
 """Where the capability docs links point: sections of the project README."""
@@ -102,3 +104,13 @@ class Capabilities:
 def capability_fields() -> dict[str, FieldInfo]:
     """Field name → description and docs link, for every capability there is."""
     return {field.name: field.metadata["diffcaps"] for field in attrs.fields(Capabilities)}
+
+
+def capability(default: S) -> S:
+    """A narrowed capability field: ``default`` is the service, and only its type may replace it.
+
+    ``lora: LoRAService = capability(MY_LORA)`` in a ``Capabilities`` subclass declares the
+    feature; the ``instance_of`` validator keeps ``attrs.evolve`` from putting ``None`` back.
+    """
+    field: S = attrs.field(default=default, validator=attrs.validators.instance_of(type(default)))
+    return field

@@ -14,6 +14,7 @@ __all__ = [
     "CapabilityError",
     "CastingError",
     "CheckpointError",
+    "CompileError",
     "ConfigError",
     "ContextError",
     "DiffcapsError",
@@ -109,11 +110,12 @@ class LoRAError(DiffcapsError, ValueError):
     """A LoRA call that the model's adapter state does not allow (unknown name, fused, …)."""
 
 
-__all__ += ["LoRAError"]
-
-
 class CastingError(DiffcapsError, ValueError):
     """Layerwise casting cannot be enabled as asked (dtype, patterns, already enabled)."""
+
+
+class CompileError(DiffcapsError, ValueError):
+    """Regional compile cannot be enabled as asked (a config value of the wrong kind)."""
 
 
 class OffloadError(DiffcapsError, ValueError):
@@ -122,9 +124,6 @@ class OffloadError(DiffcapsError, ValueError):
 
 class IPAdapterError(DiffcapsError, ValueError):
     """An IP-Adapter call that does not fit the loaded adapters (name, scales, image embeddings)."""
-
-
-__all__ += ["IPAdapterError"]
 
 
 class ParallelError(DiffcapsError, RuntimeError):

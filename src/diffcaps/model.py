@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, cast, get_args, get_origin
 
 import torch
+from typing_extensions import TypeVar
 
 from diffcaps.capabilities import Capabilities
 from diffcaps.config import ModelConfig
@@ -23,43 +24,71 @@ from diffcaps.io import (
 )
 from diffcaps.metadata import ModelMetadata
 
-__all__ = ["Model", "declared_capabilities"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CapabilitiesT", "ConfigT", "Model"]
 
-_NOTHING_DECLARED = Capabilities()
+ConfigT = TypeVar("ConfigT", bound=ModelConfig, default=ModelConfig)
+"""A model's config class: the first type argument of ``Model``."""
 
-
-def declared_capabilities(cls: type[torch.nn.Module]) -> Capabilities:
-    """The ``capabilities`` a model class declares (an empty ``Capabilities`` if none)."""
-    value: object = getattr(cls, "capabilities", None)
-    if isinstance(value, Capabilities):
-        return value
-    if value is None or isinstance(value, property):
-        return _NOTHING_DECLARED
-    raise TypeError(f"{cls.__name__}.capabilities must be a Capabilities instance, got {type(value).__name__}")
-
-ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+CapabilitiesT = TypeVar("CapabilitiesT", bound=Capabilities, default=Capabilities, covariant=True)
+"""A model's capabilities class: the second type argument of ``Model``."""
 
 DEFAULT_MAX_SHARD_SIZE = "10GB"
 
 
-class Model(torch.nn.Module, Generic[ConfigT]):
+def _type_arguments(cls: type[Any]) -> tuple[Any, ...]:
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        if get_origin(base) is Model:
+            return get_args(base)
+    return ()
+
+
+class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
     """Base class of every diffcaps model.
 
-    A subclass sets ``config_class`` and ``capabilities`` and takes its config as the only
-    constructor argument. Loading and saving use the diffusers folder layout, so folders
-    move freely between diffcaps and diffusers.
+    A subclass names its config and capabilities classes as type arguments,
+    ``class MyModel(Model[MyConfig, MyCapabilities])``, and takes its config as the only
+    constructor argument; both arguments are optional (a bare ``Model`` subclass takes a
+    ``ModelConfig`` and declares nothing). The capabilities class is instantiated once, with
+    its defaults, when the model class is created: that instance is ``model.capabilities``.
+    Loading and saving use the diffusers folder layout, so folders move freely between
+    diffcaps and diffusers.
     """
 
-    config_class: ClassVar[type[ModelConfig]]
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    """The config class this model takes (its first type argument)."""
+
+    __capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        arguments = _type_arguments(cls)
+        if not arguments:
+            return
+        config_class, capabilities_class = (tuple(arguments) + (None, None))[:2]
+        if isinstance(config_class, type):
+            if not issubclass(config_class, ModelConfig):
+                raise TypeError(f"{cls.__name__}: the first type argument of Model must be a ModelConfig "
+                                f"subclass, got {config_class.__name__}")
+            cls.config_class = config_class
+        if isinstance(capabilities_class, type):
+            if not issubclass(capabilities_class, Capabilities):
+                raise TypeError(f"{cls.__name__}: the second type argument of Model must be a Capabilities "
+                                f"subclass, got {capabilities_class.__name__}")
+            try:
+                cls.__capabilities = capabilities_class()
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{cls.__name__}: {capabilities_class.__name__}() cannot be built from its "
+                                f"defaults ({exc}); give every narrowed field a default") from exc
 
     @property
-    def capabilities(self) -> Capabilities:
-        """What this model declares it can do.
+    def capabilities(self) -> CapabilitiesT:
+        """What this model declares it can do (its capabilities class, built with its defaults)."""
+        return cast(CapabilitiesT, type(self).__capabilities)
 
-        A model class overrides this with ``capabilities: ClassVar[TheirCapabilities] = ...``;
-        a class that does not declares nothing.
-        """
-        return declared_capabilities(type(self))
+    @classmethod
+    def declared_capabilities(cls) -> CapabilitiesT:
+        """The same declaration as ``capabilities``, read from the class without an instance."""
+        return cast(CapabilitiesT, cls.__capabilities)
 
     def __init__(self, config: ConfigT) -> None:
         super().__init__()
@@ -71,15 +100,15 @@ class Model(torch.nn.Module, Generic[ConfigT]):
 
     @classmethod
     def metadata(cls) -> ModelMetadata:
-        """What this model class declares it can do, from its ``capabilities`` field alone."""
-        return ModelMetadata.from_capabilities(cls.__name__, declared_capabilities(cls))
+        """What this model class declares it can do, from its capabilities alone."""
+        return ModelMetadata.from_capabilities(cls.__name__, cls.__capabilities)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, device: str | torch.device = "cpu",
+    def from_config(cls, config: ConfigT, *, device: str | torch.device = "cpu",
                     torch_dtype: torch.dtype | None = None) -> Self:
         """Build a model with freshly initialised weights from a config."""
         with torch.device(device):
-            model = cls(config)  # type: ignore[arg-type]  # checked at run time in __init__
+            model = cls(config)
         return model.to(dtype=torch_dtype) if torch_dtype is not None else model
 
     @classmethod
@@ -101,7 +130,7 @@ class Model(torch.nn.Module, Generic[ConfigT]):
         config = cls.config_class.from_dict(read_config(folder), source=str(folder / CONFIG_NAME))
         source = find_weights(folder, allow_pickle=allow_pickle)
         with on_meta_device():
-            model = cls(config)  # type: ignore[arg-type]  # config_class is this class's config
+            model = cls(cast(ConfigT, config))
         load_weights(model, source, torch_dtype=torch_dtype, device=device)
         return model.eval()
 

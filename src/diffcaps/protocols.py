@@ -1,27 +1,32 @@
-"""One protocol per feature, so that mypy rejects a feature call on a model that lacks it.
+"""One protocol per feature, so that mypy and pyright reject a feature call on a model that lacks it.
 
-``SupportsLoRA`` is satisfied by any model class whose ``capabilities`` has a ``lora``
-property of type ``LoRAService`` (not ``LoRAService | None``): a model folder narrows the
-field to declare the feature. At run time the same misuse is caught by :func:`require`,
-which raises :class:`~diffcaps.errors.CapabilityError` naming the model class and feature.
+``SupportsLoRA`` is satisfied by a model *instance* whose ``capabilities`` property has a
+``lora`` member of type ``LoRAService`` (not ``LoRAService | None``): a model declares the
+feature by narrowing that field in its capabilities class, which it names as the second type
+argument of ``Model[Config, Capabilities]``. A model class is not accepted where an instance
+is expected (on the class, ``capabilities`` is a property object). At run time the same
+misuses are caught by :func:`require`, which raises :class:`~diffcaps.errors.CapabilityError`
+naming the model class and the feature.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, overload
+
+from torch import nn
 
 from diffcaps.errors import CapabilityError
 
-if TYPE_CHECKING:  # only annotations use them: feature packages import this module
-    from diffcaps._service import ModuleTypes
-    from diffcaps.cache._service import CacheSupport
-    from diffcaps.casting._service import LayerwiseCasting
-    from diffcaps.checkpointing._service import GradientCheckpointing
-    from diffcaps.ip_adapter._service import IPAdapterSupport
-    from diffcaps.lora._service import LoRAService
-    from diffcaps.offload._service import GroupOffloading
-    from diffcaps.parallel._service import ContextParallelPlan
-    from diffcaps.weights._service import WeightMapper
+if TYPE_CHECKING:  # annotations only: the feature packages import this module
+    from diffcaps.cache.spec import CacheSupport
+    from diffcaps.casting.spec import LayerwiseCasting
+    from diffcaps.checkpointing.spec import GradientCheckpointing
+    from diffcaps.ip_adapter.spec import IPAdapterSupport
+    from diffcaps.lora.spec import LoRAService
+    from diffcaps.offload.spec import GroupOffloading
+    from diffcaps.parallel.spec import ContextParallelPlan
+    from diffcaps.weights.spec import WeightMapper
+    from diffcaps.services import ModuleTypes
 
 __all__ = [
     "HasCache",
@@ -55,26 +60,80 @@ __all__ = [
     "supports_no_split_modules",
     "supports_repeated_blocks",
     "supports_weight_mapping",
+    "unwrap_compiled",
 ]
 
-_S = TypeVar("_S")
+
+@overload
+def require(model: SupportsGradientCheckpointing, feature: Literal["gradient_checkpointing"]) -> tuple[nn.Module, GradientCheckpointing]: ...
 
 
-def require(model: object, feature: str, service_type: type[_S]) -> _S:
-    """Return ``model``'s service for ``feature``, or raise ``CapabilityError`` if it lacks one."""
-    capabilities: Any = getattr(model, "capabilities", None)
-    service = getattr(capabilities, feature, None)
-    model_class = model.__name__ if isinstance(model, type) else type(model).__name__
+@overload
+def require(model: SupportsGroupOffloading, feature: Literal["group_offloading"]) -> tuple[nn.Module, GroupOffloading]: ...
+
+
+@overload
+def require(model: SupportsNoSplitModules, feature: Literal["no_split_modules"]) -> tuple[nn.Module, ModuleTypes]: ...
+
+
+@overload
+def require(model: SupportsLayerwiseCasting, feature: Literal["layerwise_casting"]) -> tuple[nn.Module, LayerwiseCasting]: ...
+
+
+@overload
+def require(model: SupportsRepeatedBlocks, feature: Literal["repeated_blocks"]) -> tuple[nn.Module, ModuleTypes]: ...
+
+
+@overload
+def require(model: SupportsContextParallel, feature: Literal["context_parallel"]) -> tuple[nn.Module, ContextParallelPlan]: ...
+
+
+@overload
+def require(model: SupportsWeightMapping, feature: Literal["weight_mapping"]) -> tuple[nn.Module, WeightMapper]: ...
+
+
+@overload
+def require(model: SupportsLoRA, feature: Literal["lora"]) -> tuple[nn.Module, LoRAService]: ...
+
+
+@overload
+def require(model: SupportsCache, feature: Literal["cache"]) -> tuple[nn.Module, CacheSupport]: ...
+
+
+@overload
+def require(model: SupportsIPAdapter, feature: Literal["ip_adapter"]) -> tuple[nn.Module, IPAdapterSupport]: ...
+
+
+def require(model: object, feature: str) -> tuple[nn.Module, Any]:
+    """The model as a module and its service for ``feature``; a ``CapabilityError`` if it has none.
+
+    Every feature function starts here. A ``torch.compile`` wrapper stands for the model inside
+    it. A model *class*, or anything that is not a module, is refused with the same error.
+    """
+    module = unwrap_compiled(model)
+    if isinstance(model, type):
+        raise CapabilityError(model.__name__, f"{feature} (pass a model instance, not the class)")
+    if not isinstance(module, nn.Module):
+        raise CapabilityError(type(model).__name__, f"{feature} (not a torch.nn.Module)")
+    service: object = getattr(getattr(module, "capabilities", None), feature, None)
     if service is None:
-        raise CapabilityError(model_class, feature)
-    if not isinstance(service, service_type):
-        raise CapabilityError(model_class, f"{feature} (declared as {type(service).__name__}, "
-                              f"expected {service_type.__name__})")
-    return service
+        raise CapabilityError(type(module).__name__, feature)
+    return module, service
+
+
+def unwrap_compiled(model: object) -> object:
+    """The module inside a ``torch.compile`` wrapper, or ``model`` itself."""
+    if isinstance(model, nn.Module) and type(model).__name__ == "OptimizedModule":
+        inner = model._modules.get("_orig_mod")
+        if inner is not None:
+            return inner
+    return model
 
 
 def _declares(model: object, feature: str) -> bool:
-    return getattr(getattr(model, "capabilities", None), feature, None) is not None
+    if isinstance(model, type):
+        return False
+    return getattr(getattr(unwrap_compiled(model), "capabilities", None), feature, None) is not None
 
 
 class HasGradientCheckpointing(Protocol):
@@ -85,7 +144,7 @@ class HasGradientCheckpointing(Protocol):
 
 
 class SupportsGradientCheckpointing(Protocol):
-    """A model (instance or class) whose capabilities declare gradient checkpointing."""
+    """A model instance whose capabilities declare gradient checkpointing."""
 
     @property
     def capabilities(self) -> HasGradientCheckpointing: ...
@@ -104,7 +163,7 @@ class HasGroupOffloading(Protocol):
 
 
 class SupportsGroupOffloading(Protocol):
-    """A model (instance or class) whose capabilities declare group offloading."""
+    """A model instance whose capabilities declare group offloading."""
 
     @property
     def capabilities(self) -> HasGroupOffloading: ...
@@ -123,7 +182,7 @@ class HasNoSplitModules(Protocol):
 
 
 class SupportsNoSplitModules(Protocol):
-    """A model (instance or class) whose capabilities declare no split modules."""
+    """A model instance whose capabilities declare no split modules."""
 
     @property
     def capabilities(self) -> HasNoSplitModules: ...
@@ -142,7 +201,7 @@ class HasLayerwiseCasting(Protocol):
 
 
 class SupportsLayerwiseCasting(Protocol):
-    """A model (instance or class) whose capabilities declare layerwise casting."""
+    """A model instance whose capabilities declare layerwise casting."""
 
     @property
     def capabilities(self) -> HasLayerwiseCasting: ...
@@ -161,7 +220,7 @@ class HasRepeatedBlocks(Protocol):
 
 
 class SupportsRepeatedBlocks(Protocol):
-    """A model (instance or class) whose capabilities declare repeated blocks."""
+    """A model instance whose capabilities declare repeated blocks."""
 
     @property
     def capabilities(self) -> HasRepeatedBlocks: ...
@@ -180,7 +239,7 @@ class HasContextParallel(Protocol):
 
 
 class SupportsContextParallel(Protocol):
-    """A model (instance or class) whose capabilities declare context parallel."""
+    """A model instance whose capabilities declare context parallel."""
 
     @property
     def capabilities(self) -> HasContextParallel: ...
@@ -199,7 +258,7 @@ class HasWeightMapping(Protocol):
 
 
 class SupportsWeightMapping(Protocol):
-    """A model (instance or class) whose capabilities declare weight mapping."""
+    """A model instance whose capabilities declare weight mapping."""
 
     @property
     def capabilities(self) -> HasWeightMapping: ...
@@ -218,7 +277,7 @@ class HasLoRA(Protocol):
 
 
 class SupportsLoRA(Protocol):
-    """A model (instance or class) whose capabilities declare lora."""
+    """A model instance whose capabilities declare lora."""
 
     @property
     def capabilities(self) -> HasLoRA: ...
@@ -237,7 +296,7 @@ class HasCache(Protocol):
 
 
 class SupportsCache(Protocol):
-    """A model (instance or class) whose capabilities declare cache."""
+    """A model instance whose capabilities declare cache."""
 
     @property
     def capabilities(self) -> HasCache: ...
@@ -256,7 +315,7 @@ class HasIPAdapter(Protocol):
 
 
 class SupportsIPAdapter(Protocol):
-    """A model (instance or class) whose capabilities declare ip adapter."""
+    """A model instance whose capabilities declare ip adapter."""
 
     @property
     def capabilities(self) -> HasIPAdapter: ...

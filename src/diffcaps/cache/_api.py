@@ -62,10 +62,11 @@ def _unwrap(model: object) -> object:
 
 
 def _require(model: object) -> CacheSupport:
-    # imported here: feature packages load while ``diffcaps.protocols`` itself is importing them
     from diffcaps.protocols import require
 
-    return require(model, "cache", CacheSupport)
+    _, support = require(model, "cache")  # type: ignore[call-overload]
+    assert isinstance(support, CacheSupport)
+    return support
 
 
 def _module(model: object) -> nn.Module:

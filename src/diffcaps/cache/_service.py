@@ -12,7 +12,7 @@ from typing import Final, final
 
 import attrs
 
-from diffcaps._service import ModuleTypes
+from diffcaps.services import ModuleTypes
 from diffcaps.errors import CacheError
 
 __all__ = [

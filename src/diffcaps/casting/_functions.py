@@ -116,9 +116,7 @@ def enable_layerwise_casting(
     match skips the whole subtree) default to the model's declared patterns plus
     ``GENERIC_SKIP_PATTERNS``. peft adapter layers are never cast.
     """
-    service = require(model, "layerwise_casting", LayerwiseCasting)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model, service = require(model, "layerwise_casting")
     if any(HOOK_NAME in hook_names(module) for _, module in hooked_modules(model)):
         raise CastingError(f"layerwise casting is already enabled on this {type(model).__name__}; disable it first")
     storage = _check_dtype(storage_dtype, "storage_dtype")
@@ -148,9 +146,7 @@ def disable_layerwise_casting(model: SupportsLayerwiseCasting) -> list[str]:
     The weights keep the rounding of the storage dtype: reload the model for the exact
     original values. Returns the names of the layers that were cast.
     """
-    require(model, "layerwise_casting", LayerwiseCasting)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model, _ = require(model, "layerwise_casting")
     restored = []
     for name, module in list(hooked_modules(model)):
         if get_hook(module, HOOK_NAME) is not None:

@@ -1,6 +1,6 @@
-"""Gradient checkpointing: the model's declared blocks recompute activations in backward."""
+"""Gradient checkpointing: ``enable(model, CheckpointingConfig())``, ``disable(model)``, ``active(model)``."""
 
-from diffcaps.checkpointing._functions import disable as disable, enable as enable, is_enabled as is_enabled
-from diffcaps.checkpointing._service import GradientCheckpointing as GradientCheckpointing
+from diffcaps.checkpointing._config import CheckpointingConfig as CheckpointingConfig
+from diffcaps.checkpointing._functions import active as active, disable as disable, enable as enable
 
-__all__ = ["GradientCheckpointing", "disable", "enable", "is_enabled"]
+__all__ = ["CheckpointingConfig", "active", "disable", "enable"]

@@ -1,4 +1,4 @@
-"""``enable`` / ``disable`` gradient checkpointing on a model's declared blocks."""
+"""``enable`` / ``disable`` / ``active``: gradient checkpointing on a model's declared blocks."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcaps._blocks import matching_modules
-from diffcaps.checkpointing._service import GradientCheckpointing
+from diffcaps.checkpointing._config import CheckpointingConfig
 from diffcaps.hooks import Forward, Hook, add_hook, get_hook, remove_hook
 from diffcaps.protocols import SupportsGradientCheckpointing, require
 
-__all__ = ["disable", "enable", "is_enabled"]
+__all__ = ["active", "disable", "enable"]
 
 HOOK_NAME: Final = "gradient_checkpointing"
 
 
 class CheckpointHook(Hook):
     """Runs the block under non-reentrant activation checkpointing while grad is enabled."""
+
+    def __init__(self, config: CheckpointingConfig) -> None:
+        self.config = config
 
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
@@ -28,30 +30,36 @@ class CheckpointHook(Hook):
 
 
 def _blocks(model: SupportsGradientCheckpointing) -> list[nn.Module]:
-    service = require(model, "gradient_checkpointing", GradientCheckpointing)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return [module for _, module in matching_modules(model, service.blocks, "gradient_checkpointing")]
+    module, service = require(model, "gradient_checkpointing")
+    return [block for _, block in service.blocks.find(module, "gradient_checkpointing")]
 
 
-def enable(model: SupportsGradientCheckpointing) -> None:
+def enable(model: SupportsGradientCheckpointing, config: CheckpointingConfig | None = None) -> None:
     """Recompute the declared blocks' activations in backward instead of storing them.
 
     Only while grad is enabled; inference under ``torch.no_grad()`` runs as before.
-    Enabling twice is harmless.
+    Enabling again replaces the config in force.
     """
+    config = CheckpointingConfig() if config is None else config
+    if not isinstance(config, CheckpointingConfig):
+        raise TypeError(f"expected a CheckpointingConfig, got {type(config).__name__}")
     for block in _blocks(model):
-        if get_hook(block, HOOK_NAME) is None:
-            add_hook(block, HOOK_NAME, CheckpointHook())
+        if get_hook(block, HOOK_NAME) is not None:
+            remove_hook(block, HOOK_NAME)
+        add_hook(block, HOOK_NAME, CheckpointHook(config))
 
 
 def disable(model: SupportsGradientCheckpointing) -> None:
-    """Store activations again; the blocks' forwards are restored exactly."""
+    """Store activations again; the blocks' forwards are restored exactly (nothing happens if off)."""
     for block in _blocks(model):
         if get_hook(block, HOOK_NAME) is not None:
             remove_hook(block, HOOK_NAME)
 
 
-def is_enabled(model: SupportsGradientCheckpointing) -> bool:
-    """Whether the declared blocks run under checkpointing."""
-    return all(get_hook(block, HOOK_NAME) is not None for block in _blocks(model))
+def active(model: SupportsGradientCheckpointing) -> CheckpointingConfig | None:
+    """The config in force, or ``None`` when the declared blocks run without checkpointing."""
+    hooks = [get_hook(block, HOOK_NAME) for block in _blocks(model)]
+    first = hooks[0]
+    if isinstance(first, CheckpointHook) and all(hook is not None for hook in hooks):
+        return first.config
+    return None

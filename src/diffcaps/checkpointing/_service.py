@@ -6,7 +6,7 @@ from typing import final
 
 import attrs
 
-from diffcaps._service import ModuleTypes
+from diffcaps.services import ModuleTypes
 
 __all__ = ["GradientCheckpointing"]
 

@@ -1,9 +1,6 @@
-"""Regional compile: compile each repeated block instead of the whole model."""
+"""Regional compile: ``enable(model, RegionalCompileConfig(...))`` compiles each repeated block once."""
 
-from diffcaps.compile._functions import (
-    compile_repeated_blocks as compile_repeated_blocks,
-    compiled_blocks as compiled_blocks,
-    uncompile_repeated_blocks as uncompile_repeated_blocks,
-)
+from diffcaps.compile._config import RegionalCompileConfig as RegionalCompileConfig
+from diffcaps.compile._functions import active as active, disable as disable, enable as enable
 
-__all__ = ["compile_repeated_blocks", "compiled_blocks", "uncompile_repeated_blocks"]
+__all__ = ["RegionalCompileConfig", "active", "disable", "enable"]

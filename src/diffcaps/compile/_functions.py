@@ -2,43 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from torch import nn
 
-from diffcaps._blocks import matching_modules
-from diffcaps._service import ModuleTypes
+from diffcaps.compile._config import RegionalCompileConfig
 from diffcaps.protocols import SupportsRepeatedBlocks, require
+from diffcaps.slots import InstanceSlot
 
-__all__ = ["compile_repeated_blocks", "compiled_blocks", "uncompile_repeated_blocks"]
+__all__ = ["active", "disable", "enable"]
 
-
-def _blocks(model: SupportsRepeatedBlocks) -> list[tuple[str, nn.Module]]:
-    service = require(model, "repeated_blocks", ModuleTypes)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return matching_modules(model, service, "repeated_blocks")
+_SLOT: Final = InstanceSlot("regional_compile", RegionalCompileConfig)
 
 
-def compile_repeated_blocks(model: SupportsRepeatedBlocks, **compile_kwargs: Any) -> list[str]:
+def _blocks(model: SupportsRepeatedBlocks) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    module, service = require(model, "repeated_blocks")
+    return module, service.find(module, "repeated_blocks")
+
+
+def enable(model: SupportsRepeatedBlocks, config: RegionalCompileConfig | None = None) -> list[str]:
     """Compile every instance of the declared repeated blocks in place; returns their names.
 
     Blocks of one class share their compiled code (the compile cache is keyed by the code
     object), so cold start is about one block's compile per class instead of the whole
-    model's. ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, …).
+    model's. Enabling again recompiles with the new config.
     """
-    blocks = _blocks(model)
+    config = RegionalCompileConfig() if config is None else config
+    if not isinstance(config, RegionalCompileConfig):
+        raise TypeError(f"expected a RegionalCompileConfig, got {type(config).__name__}")
+    module, blocks = _blocks(model)
+    options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
+    if config.mode is not None:
+        options["mode"] = config.mode
+    if config.options is not None:
+        options["options"] = dict(config.options)
     for _, block in blocks:
-        block.compile(**compile_kwargs)
+        block.compile(**options)
+    _SLOT.set(module, config)
     return [name for name, _ in blocks]
 
 
-def uncompile_repeated_blocks(model: SupportsRepeatedBlocks) -> None:
-    """Run the repeated blocks eagerly again."""
-    for _, block in _blocks(model):
+def disable(model: SupportsRepeatedBlocks) -> None:
+    """Run the repeated blocks eagerly again (nothing happens if they are not compiled)."""
+    module, blocks = _blocks(model)
+    for _, block in blocks:
         block._compiled_call_impl = None
+    _SLOT.clear(module)
 
 
-def compiled_blocks(model: SupportsRepeatedBlocks) -> list[str]:
-    """Names of the repeated blocks that are compiled now."""
-    return [name for name, block in _blocks(model) if block._compiled_call_impl is not None]
+def active(model: SupportsRepeatedBlocks) -> RegionalCompileConfig | None:
+    """The config the repeated blocks are compiled with, or ``None`` when they run eagerly."""
+    module, blocks = _blocks(model)
+    if any(block._compiled_call_impl is None for _, block in blocks):
+        return None
+    return _SLOT.get(module)

@@ -21,10 +21,8 @@ Source = str | os.PathLike[str] | Mapping[str, Tensor]
 
 
 def _service(model: SupportsIPAdapter) -> tuple[IPAdapterSupport, nn.Module]:
-    service = require(model, "ip_adapter", IPAdapterSupport)  # type: ignore[type-abstract]
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"IP-Adapters are loaded into a model instance, got {model!r}")
-    return service, model
+    module, service = require(model, "ip_adapter")
+    return service, module
 
 
 def _read(source: Source) -> tuple[dict[str, Tensor], str]:

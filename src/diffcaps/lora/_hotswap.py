@@ -31,9 +31,7 @@ def enable_hotswap(model: SupportsLoRA, *, max_rank: int) -> None:
     Call it before the first ``load_adapter`` (and before compiling); later files of rank up
     to ``max_rank`` can then replace an adapter with ``load_adapter(..., hotswap=True)``.
     """
-    require(model, "lora", LoRAService)
-    if not isinstance(model, nn.Module):
-        raise LoRAError("hotswapping applies to model instances")
+    model, _ = require(model, "lora")
     if max_rank < 1:
         raise LoRAError(f"max_rank must be positive, got {max_rank}")
     state = get_state(model)

@@ -114,9 +114,7 @@ def save_adapter(
     The file holds the adapter as loaded (its own rank and alpha, without any weight set by
     ``set_adapters`` and without hotswap padding), and the parameters it replaced.
     """
-    service = require(model, "lora", LoRAService)
-    if not isinstance(model, nn.Module):
-        raise LoRAError("adapters are saved from model instances")
+    model, service = require(model, "lora")
     state = get_state(model)
     if state is None or adapter_name not in state.adapters:
         raise LoRAError(f"no adapter named {adapter_name!r} is loaded")

@@ -40,10 +40,8 @@ AdapterWeight = float | Mapping[str, float]
 
 
 def _module(model: SupportsLoRA) -> nn.Module:
-    require(model, "lora", LoRAService)
-    if not isinstance(model, nn.Module):
-        raise LoRAError("LoRA adapters live on model instances, not on classes")
-    return model
+    module, _ = require(model, "lora")
+    return module
 
 
 def _state(model: SupportsLoRA) -> tuple[nn.Module, LoRAState]:

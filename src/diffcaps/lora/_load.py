@@ -176,8 +176,7 @@ def load_adapter(
     The new adapter becomes active at weight 1 beside those already active. On any error the
     model is left exactly as it was.
     """
-    service = require(model, "lora", LoRAService)
-    module = _as_module(model)
+    module, service = require(model, "lora")
     state = get_state(module)
     loaded = state.adapters if state is not None else {}
     if hotswap and adapter_name not in loaded:

@@ -124,9 +124,7 @@ def enable_group_offloading(
     ``use_stream`` (CUDA only) copies the next block group on a side stream while the
     current one computes.
     """
-    service = require(model, "group_offloading", GroupOffloading)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model, service = require(model, "group_offloading")
     if offload_state(model) is not None:
         raise OffloadError(f"group offloading is already enabled on this {type(model).__name__}; disable it first")
     if offload_type not in ("block_level", "leaf_level"):
@@ -225,9 +223,7 @@ def _install_hooks(model: nn.Module, state: OffloadState) -> None:
 
 def disable_group_offloading(model: SupportsGroupOffloading) -> None:
     """Bring every weight back to the device it was on before offloading and remove the hooks."""
-    require(model, "group_offloading", GroupOffloading)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model, _ = require(model, "group_offloading")
     state = offload_state(model)
     if state is None:
         raise OffloadError(f"group offloading is not enabled on this {type(model).__name__}")

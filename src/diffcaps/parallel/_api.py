@@ -43,10 +43,11 @@ class ContextParallelConfig:
 
 
 def _plan(model: object) -> ContextParallelPlan:
-    # imported here: feature packages load while ``diffcaps.protocols`` itself is importing them
     from diffcaps.protocols import require
 
-    return require(model, "context_parallel", ContextParallelPlan)
+    _, plan = require(model, "context_parallel")  # type: ignore[call-overload]
+    assert isinstance(plan, ContextParallelPlan)
+    return plan
 
 
 def _session(model: object) -> Session | None:

@@ -14,7 +14,7 @@ from typing import Any, final
 import attrs
 from torch import Tensor
 
-from diffcaps._service import ModuleTypes
+from diffcaps.services import ModuleTypes
 
 __all__ = ["ContextParallelPlan", "GatherOutput", "SplitInput"]
 

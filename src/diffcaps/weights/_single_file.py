@@ -56,7 +56,9 @@ def header_specs(header: SafetensorsHeader) -> dict[str, TensorSpec]:
 def _mapper(model: object) -> WeightMapper:
     from diffcaps.protocols import require  # protocols imports this package's service
 
-    return require(model, "weight_mapping", WeightMapper)
+    _, mapper = require(model, "weight_mapping")  # type: ignore[call-overload]
+    assert isinstance(mapper, WeightMapper)
+    return mapper
 
 
 def _model_class(cls: object) -> type[Model[Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from diffcaps._service import ModuleTypes
+from diffcaps.services import ModuleTypes
 from diffcaps.cache import BlockList, CacheSupport
 from diffcaps.models.flux._attention import FluxAttention
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from diffcaps._service import ModuleTypes
+from diffcaps.services import ModuleTypes
 from diffcaps.models.flux._attention import KERNEL, FluxAttention
 from diffcaps.parallel import ContextParallelPlan, GatherOutput, SplitInput
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal, final, overload
+from typing import Any, Literal, final, overload
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcaps._service import ModuleTypes
-from diffcaps.cache import CacheSupport
-from diffcaps.capabilities import Capabilities
-from diffcaps.casting import LayerwiseCasting
-from diffcaps.checkpointing import GradientCheckpointing
-from diffcaps.config import ModelConfig
-from diffcaps.lora._service import LoRAService
+from diffcaps.cache.spec import CacheSupport
+from diffcaps.capabilities import Capabilities, capability
+from diffcaps.casting.spec import LayerwiseCasting
+from diffcaps.checkpointing.spec import GradientCheckpointing
+from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
@@ -27,9 +25,10 @@ from diffcaps.models.flux._lora import FLUX_LORA
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._norms import AdaLayerNormContinuous
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
-from diffcaps.offload import GroupOffloading
-from diffcaps.parallel import ContextParallelPlan
-from diffcaps.weights import WeightMapper
+from diffcaps.offload.spec import GroupOffloading
+from diffcaps.parallel.spec import ContextParallelPlan
+from diffcaps.services import ModuleTypes
+from diffcaps.weights.spec import WeightMapper
 
 __all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
 
@@ -39,37 +38,20 @@ FLUX_BLOCKS = ModuleTypes((FluxTransformerBlock, FluxSingleTransformerBlock))
 @final
 @attrs.frozen(kw_only=True)
 class FluxCapabilities(Capabilities):
-    """What Flux declares today."""
+    """Everything Flux declares."""
 
-    no_split_modules: ModuleTypes = attrs.field(
-        default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
+    gradient_checkpointing: GradientCheckpointing = capability(GradientCheckpointing(blocks=FLUX_BLOCKS))
+    group_offloading: GroupOffloading = capability(
+        GroupOffloading(block_lists=("transformer_blocks", "single_transformer_blocks"))
     )
-    repeated_blocks: ModuleTypes = attrs.field(
-        default=FLUX_BLOCKS, validator=attrs.validators.instance_of(ModuleTypes)
-    )
-    lora: LoRAService = attrs.field(default=FLUX_LORA, validator=attrs.validators.instance_of(LoRAService))
-    gradient_checkpointing: GradientCheckpointing = attrs.field(
-        default=GradientCheckpointing(blocks=FLUX_BLOCKS),
-        validator=attrs.validators.instance_of(GradientCheckpointing),
-    )
-    group_offloading: GroupOffloading = attrs.field(
-        default=GroupOffloading(block_lists=("transformer_blocks", "single_transformer_blocks")),
-        validator=attrs.validators.instance_of(GroupOffloading),
-    )
-    layerwise_casting: LayerwiseCasting = attrs.field(
-        default=LayerwiseCasting(skip_patterns=("pos_embed", "norm")),
-        validator=attrs.validators.instance_of(LayerwiseCasting),
-    )
-    weight_mapping: WeightMapper = attrs.field(
-        default=FLUX_WEIGHTS, validator=attrs.validators.instance_of(WeightMapper)
-    )
-    cache: CacheSupport = attrs.field(default=FLUX_CACHE, validator=attrs.validators.instance_of(CacheSupport))
-    context_parallel: ContextParallelPlan = attrs.field(
-        default=FLUX_CONTEXT_PARALLEL, validator=attrs.validators.instance_of(ContextParallelPlan)
-    )
-    ip_adapter: FluxIPAdapter = attrs.field(
-        default=FLUX_IP_ADAPTER, validator=attrs.validators.instance_of(FluxIPAdapter)
-    )
+    no_split_modules: ModuleTypes = capability(FLUX_BLOCKS)
+    layerwise_casting: LayerwiseCasting = capability(LayerwiseCasting(skip_patterns=("pos_embed", "norm")))
+    repeated_blocks: ModuleTypes = capability(FLUX_BLOCKS)
+    context_parallel: ContextParallelPlan = capability(FLUX_CONTEXT_PARALLEL)
+    weight_mapping: WeightMapper = capability(FLUX_WEIGHTS)
+    lora: LoRAService = capability(FLUX_LORA)
+    cache: CacheSupport = capability(FLUX_CACHE)
+    ip_adapter: FluxIPAdapter = capability(FLUX_IP_ADAPTER)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,11 +71,8 @@ def _residual_index(index: int, count: int, samples: int, repeat: bool) -> int:
 
 
 @final
-class FluxTransformer2DModel(Model[FluxConfig]):
+class FluxTransformer2DModel(Model[FluxConfig, FluxCapabilities]):
     """The Flux transformer: 2-D RoPE, double-stream then single-stream blocks, AdaLN output."""
-
-    config_class: ClassVar[type[ModelConfig]] = FluxConfig
-    capabilities: ClassVar[FluxCapabilities] = FluxCapabilities()
 
     def __init__(self, config: FluxConfig) -> None:
         super().__init__(config)

@@ -1,12 +1,14 @@
-"""What every service has in common: it can list itself for a metadata row."""
+"""What every service has in common, and ``ModuleTypes``, the service that names module classes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, final
 
 import attrs
 import torch
+
+from diffcaps.errors import CapabilityError
 
 __all__ = ["ModuleTypes", "Service"]
 
@@ -23,6 +25,7 @@ def _as_type_tuple(types: Iterable[type[torch.nn.Module]]) -> tuple[type[torch.n
     return tuple(types)
 
 
+@final
 @attrs.frozen
 class ModuleTypes:
     """A set of module classes a feature acts on (blocks to keep whole, blocks to compile, …)."""
@@ -45,3 +48,13 @@ class ModuleTypes:
     def matches(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is an instance of one of these classes."""
         return isinstance(module, self.types)
+
+    def find(self, model: torch.nn.Module, feature: str) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) for every instance in ``model``; a ``CapabilityError`` if none exist."""
+        found = [(name, module) for name, module in model.named_modules() if self.matches(module)]
+        if not found:
+            raise CapabilityError(
+                type(model).__name__,
+                f"{feature} (it declares {', '.join(self.entries())}, but this instance has none of them)",
+            )
+        return found

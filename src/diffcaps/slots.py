@@ -1,0 +1,46 @@
+"""``InstanceSlot``: the one typed place where a feature keeps its runtime state on a module.
+
+Every feature that changes a model instance (adapters loaded, hooks installed, groups
+offloaded, a cache or context-parallel session) records what it did in one slot, named after
+the feature, in the module's ``__dict__``. The slot is not a parameter, buffer or submodule,
+so it never reaches a state dict, and ``del`` of the entry leaves the module as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar, final
+
+from torch import nn
+
+__all__ = ["InstanceSlot"]
+
+T = TypeVar("T")
+
+
+@final
+class InstanceSlot(Generic[T]):
+    """Per-instance state of one feature, of type ``T``, stored under ``_diffcaps_<feature>``."""
+
+    __slots__ = ("attribute", "feature", "kind")
+
+    def __init__(self, feature: str, kind: type[T]) -> None:
+        self.feature = feature
+        self.kind = kind
+        self.attribute = f"_diffcaps_{feature}"
+
+    def get(self, module: nn.Module) -> T | None:
+        """The state held by ``module``, or ``None`` when the feature has none there."""
+        value = module.__dict__.get(self.attribute)
+        return value if isinstance(value, self.kind) else None
+
+    def set(self, module: nn.Module, value: T) -> None:
+        """Hold ``value`` as ``module``'s state for this feature (replacing any earlier one)."""
+        module.__dict__[self.attribute] = value
+
+    def clear(self, module: nn.Module) -> T | None:
+        """Remove and return ``module``'s state for this feature (``None`` if it had none)."""
+        value = module.__dict__.pop(self.attribute, None)
+        return value if isinstance(value, self.kind) else None
+
+    def __repr__(self) -> str:
+        return f"InstanceSlot({self.feature!r}, {self.kind.__name__})"
