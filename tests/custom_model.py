@@ -12,8 +12,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcaps import Capabilities, Model, ModelConfig, ModuleTypes
-from diffcaps.casting._service import LayerwiseCasting
+from diffcaps import Capabilities, Model, ModelConfig, ModuleTypes, capability
+from diffcaps.casting.spec import LayerwiseCasting
 
 
 @attrs.frozen(kw_only=True)
@@ -38,29 +38,22 @@ class TinyBlock(nn.Module):
         return x + out
 
 
+TINY_BLOCKS = ModuleTypes((TinyBlock,))
+
+
 @final
 @attrs.frozen(kw_only=True)
 class TinyDiTCapabilities(Capabilities):
     """The example declares three features and nothing else."""
 
-    no_split_modules: ModuleTypes = attrs.field(
-        default=ModuleTypes((TinyBlock,)), validator=attrs.validators.instance_of(ModuleTypes)
-    )
-    repeated_blocks: ModuleTypes = attrs.field(
-        default=ModuleTypes((TinyBlock,)), validator=attrs.validators.instance_of(ModuleTypes)
-    )
-    layerwise_casting: LayerwiseCasting = attrs.field(
-        default=LayerwiseCasting(skip_patterns=("norm",)),
-        validator=attrs.validators.instance_of(LayerwiseCasting),
-    )
+    no_split_modules: ModuleTypes = capability(TINY_BLOCKS)
+    layerwise_casting: LayerwiseCasting = capability(LayerwiseCasting(skip_patterns=("norm",)))
+    repeated_blocks: ModuleTypes = capability(TINY_BLOCKS)
 
 
 @final
-class TinyDiT(Model[TinyDiTConfig]):
+class TinyDiT(Model[TinyDiTConfig, TinyDiTCapabilities]):
     """A stack of residual blocks: enough to show how a model declares capabilities."""
-
-    config_class: ClassVar[type[ModelConfig]] = TinyDiTConfig
-    capabilities: ClassVar[TinyDiTCapabilities] = TinyDiTCapabilities()
 
     def __init__(self, config: TinyDiTConfig) -> None:
         super().__init__(config)

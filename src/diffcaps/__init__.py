@@ -6,11 +6,11 @@ through functions that take the model first (``diffcaps.lora.load_adapter(model,
 """
 
 from diffcaps.services import ModuleTypes as ModuleTypes
-from diffcaps.capabilities import Capabilities as Capabilities
+from diffcaps.capabilities import Capabilities as Capabilities, capability as capability
 from diffcaps.config import ModelConfig as ModelConfig
 from diffcaps.metadata import CapabilityRow as CapabilityRow, ModelMetadata as ModelMetadata
 from diffcaps.model import Model as Model
 
 __version__ = "0.1.0"
 
-__all__ = ["Capabilities", "CapabilityRow", "Model", "ModelConfig", "ModelMetadata", "ModuleTypes", "__version__"]
+__all__ = ["Capabilities", "CapabilityRow", "Model", "ModelConfig", "ModelMetadata", "ModuleTypes", "__version__", "capability"]

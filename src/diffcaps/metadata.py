@@ -60,8 +60,8 @@ def _rows(rows: Mapping[str, CapabilityRow] | Any) -> Mapping[str, CapabilityRow
 class ModelMetadata(Mapping[str, CapabilityRow]):
     """The capabilities one model class declares, keyed by capability field name.
 
-    ``print(meta)`` shows a table; ``meta.lora`` or ``meta["lora"]`` gives one row;
-    ``to_dict()``/``from_dict()`` round-trip through JSON.
+    ``print(meta)`` shows a table; ``meta["lora"]`` gives one row (a ``KeyError`` naming the
+    model for a row it does not declare); ``to_dict()``/``from_dict()`` round-trip through JSON.
     """
 
     model: str
@@ -83,22 +83,18 @@ class ModelMetadata(Mapping[str, CapabilityRow]):
         return cls(model=model, rows=rows)
 
     def __getitem__(self, name: str) -> CapabilityRow:
-        return self.rows[name]
+        row = self.rows.get(name)
+        if row is None:
+            if name in capability_fields():
+                raise KeyError(f"{self.model} does not declare {name!r}")
+            raise KeyError(f"{name!r} is not a capability; capabilities: {', '.join(capability_fields())}")
+        return row
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def __getattr__(self, name: str) -> CapabilityRow:
-        if name.startswith("__") or name in ("model", "rows"):
-            raise AttributeError(name)
-        if name in self.rows:
-            return self.rows[name]
-        if name in capability_fields():
-            raise AttributeError(f"{self.model} does not declare {name!r}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def keys(self) -> KeysView[str]:
         """The declared capability names, in field order."""

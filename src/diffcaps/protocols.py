@@ -124,8 +124,8 @@ def require(model: object, feature: str) -> tuple[nn.Module, Any]:
 def unwrap_compiled(model: object) -> object:
     """The module inside a ``torch.compile`` wrapper, or ``model`` itself."""
     if isinstance(model, nn.Module) and type(model).__name__ == "OptimizedModule":
-        inner = model._modules.get("_orig_mod")
-        if inner is not None:
+        inner: object = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
             return inner
     return model
 

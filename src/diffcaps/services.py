@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, final
+from typing import Any, Protocol, final
 
 import attrs
 import torch
@@ -21,8 +21,14 @@ class Service(Protocol):
         ...
 
 
-def _as_type_tuple(types: Iterable[type[torch.nn.Module]]) -> tuple[type[torch.nn.Module], ...]:
-    return tuple(types)
+def _module_classes(types: Iterable[Any]) -> tuple[type[torch.nn.Module], ...]:
+    classes = tuple(types)
+    if not classes:
+        raise ValueError("ModuleTypes needs at least one module class")
+    for item in classes:
+        if not (isinstance(item, type) and issubclass(item, torch.nn.Module)):
+            raise TypeError(f"{item!r} is not a torch.nn.Module subclass")
+    return classes
 
 
 @final
@@ -30,16 +36,7 @@ def _as_type_tuple(types: Iterable[type[torch.nn.Module]]) -> tuple[type[torch.n
 class ModuleTypes:
     """A set of module classes a feature acts on (blocks to keep whole, blocks to compile, …)."""
 
-    types: tuple[type[torch.nn.Module], ...] = attrs.field(converter=_as_type_tuple)
-
-    @types.validator
-    def _check(self, _: attrs.Attribute[tuple[type[torch.nn.Module], ...]], value: tuple[type[torch.nn.Module], ...]) -> None:
-        if not value:
-            raise ValueError("ModuleTypes needs at least one module class")
-        for item in value:
-            candidate: object = item
-            if not (isinstance(candidate, type) and issubclass(candidate, torch.nn.Module)):
-                raise TypeError(f"{item!r} is not a torch.nn.Module subclass")
+    types: tuple[type[torch.nn.Module], ...] = attrs.field(converter=_module_classes)
 
     def entries(self) -> tuple[str, ...]:
         """The class names."""

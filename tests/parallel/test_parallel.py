@@ -149,7 +149,7 @@ def test_no_process_group_is_a_clear_error() -> None:
 
 
 def test_metadata_row() -> None:
-    row = FluxTransformer2DModel.metadata().context_parallel
+    row = FluxTransformer2DModel.metadata()["context_parallel"]
     assert row.entries[:2] == ("ulysses", "ring")
     for entry in ("split hidden_states@1", "split encoder_hidden_states@1", "split img_ids@0", "split txt_ids@0",
                   "gather proj_out@1", "attention FluxAttention"):
