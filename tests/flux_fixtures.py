@@ -84,7 +84,7 @@ def flux_inputs(config: FluxConfig, *, batch: int = 1, height: int = 4, width: i
 
 def diffusers_flux(config: FluxConfig, state: dict[str, torch.Tensor]) -> Any:
     """The oracle: diffusers' Flux transformer with the same config and weights."""
-    from diffusers import FluxTransformer2DModel as DiffusersFlux
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel as DiffusersFlux
 
     kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     model = DiffusersFlux(**kwargs)

@@ -1,22 +1,22 @@
-"""Flux attention: per-stream projections, RMS-normed queries and keys, RoPE, joint SDPA."""
+"""Flux attention: per-stream projections, RMS-normed queries and keys, RoPE, joint attention."""
 
 from __future__ import annotations
 
 from typing import Any, Final
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcaps.models.flux._embeddings import apply_rope
+from diffcaps.layers import RMSNorm, apply_rope, attention
 
-__all__ = ["KERNEL", "PROCESSOR", "FluxAttention", "attend"]
+__all__ = ["KERNEL", "PROCESSOR", "FluxAttention"]
 
 KERNEL: Final = "kernel"
 """The method joint attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
 
-It calls :func:`attend`. A feature may replace it on one instance with an instance attribute of
-this name (context parallelism does, to run the distributed algorithm) and delete it to restore.
+It calls :func:`diffcaps.layers.attention`. A feature may replace it on one instance with an
+instance attribute of this name (context parallelism does, to run the distributed algorithm)
+and delete it to restore.
 """
 
 PROCESSOR: Final = "processor"
@@ -29,12 +29,6 @@ the name is the one diffusers' state dicts use for that attention's IP-Adapter w
 """
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """Scaled dot-product attention on [batch, seq, heads, head_dim] tensors."""
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
 class FluxAttention(nn.Module):
     """Attention of a double block (``joint=True``: a second, text stream) or a single block."""
 
@@ -43,24 +37,24 @@ class FluxAttention(nn.Module):
         self.heads = heads
         self.head_dim = head_dim
         inner = heads * head_dim
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_q = RMSNorm(head_dim, eps=eps)
+        self.norm_k = RMSNorm(head_dim, eps=eps)
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.joint = joint
         if joint:
             self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
-            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_q = RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = RMSNorm(head_dim, eps=eps)
             self.add_q_proj = nn.Linear(dim, inner)
             self.add_k_proj = nn.Linear(dim, inner)
             self.add_v_proj = nn.Linear(dim, inner)
             self.to_add_out = nn.Linear(inner, dim)
 
     def kernel(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        """Attention over the joint sequence (see ``KERNEL``): :func:`attend` unless replaced on this instance."""
-        return attend(query, key, value)
+        """Attention over the joint sequence (see ``KERNEL``), unless replaced on this instance."""
+        return attention(query, key, value)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)
@@ -103,9 +97,8 @@ class FluxAttention(nn.Module):
         text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         image: Tensor = self.to_out[1](self.to_out[0](image_out.contiguous()))
         text: Tensor = self.to_add_out(text_out.contiguous())
-        processor = self._modules.get(PROCESSOR)
+        processor: nn.Module | None = getattr(self, PROCESSOR, None)
         if processor is None:
             return image, text
         extra: Tensor = processor(image_query, **kwargs)
         return image, text, extra
-

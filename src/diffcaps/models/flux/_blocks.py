@@ -7,41 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffcaps.layers import AdaLayerNormZero, AdaLayerNormZeroSingle, FeedForward, modulate
 from diffcaps.models.flux._attention import FluxAttention
-from diffcaps.models.flux._norms import EPS, AdaLayerNormZero, AdaLayerNormZeroSingle
 
-__all__ = ["FeedForward", "FluxSingleTransformerBlock", "FluxTransformerBlock"]
+__all__ = ["FluxSingleTransformerBlock", "FluxTransformerBlock"]
 
+_EPS = 1e-6
 _FP16_MAX = 65504.0
 
 
 def _clip_fp16(x: Tensor) -> Tensor:
     return x.clip(-_FP16_MAX, _FP16_MAX) if x.dtype == torch.float16 else x
-
-
-class GELUProjection(nn.Module):
-    """Linear followed by tanh-approximated GELU."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        projected: Tensor = self.proj(x)
-        return nn.functional.gelu(projected, approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """The block MLP, 4× wide (``net.0.proj`` → GELU → ``net.2``)."""
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        self.net = nn.ModuleList([GELUProjection(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
 
 
 class FluxTransformerBlock(nn.Module):
@@ -52,9 +28,9 @@ class FluxTransformerBlock(nn.Module):
         self.norm1 = AdaLayerNormZero(dim)
         self.norm1_context = AdaLayerNormZero(dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=True)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=EPS)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=_EPS)
         self.ff = FeedForward(dim)
-        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=EPS)
+        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=_EPS)
         self.ff_context = FeedForward(dim)
 
     def forward(
@@ -72,13 +48,13 @@ class FluxTransformerBlock(nn.Module):
         attn_out, ctx_attn_out = outputs[0], outputs[1]
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_out
-        normed = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        normed = modulate(self.norm2(hidden_states), shift_mlp[:, None], scale_mlp[:, None])
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(normed)
         if len(outputs) == 3:  # an attention that also returns an image-prompt residual
             hidden_states = hidden_states + outputs[2]
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * ctx_attn_out
-        normed_ctx = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        normed_ctx = modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp[:, None], c_scale_mlp[:, None])
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(normed_ctx)
         return _clip_fp16(encoder_hidden_states), hidden_states
 

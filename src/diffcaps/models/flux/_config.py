@@ -25,6 +25,15 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
+def _check_axes(config: FluxConfig, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
+    # attrs runs validators once every field is set, so the head dim is there to compare with.
+    if sum(value) != config.attention_head_dim or any(d % 2 for d in value):
+        raise ValueError(
+            f"axes_dims_rope {list(value)} must be even and sum to attention_head_dim "
+            f"({config.attention_head_dim})"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class FluxConfig(ModelConfig):
     """Hyper-parameters of ``FluxTransformer2DModel`` (defaults are FLUX.1's, without guidance)."""
@@ -41,15 +50,7 @@ class FluxConfig(ModelConfig):
     joint_attention_dim: int = attrs.field(default=4096, validator=_positive)
     pooled_projection_dim: int = attrs.field(default=768, validator=_positive)
     guidance_embeds: bool = False
-    axes_dims_rope: tuple[int, ...] = attrs.field(default=(16, 56, 56), converter=_axes)
-
-    @axes_dims_rope.validator
-    def _check_axes(self, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
-        if sum(value) != self.attention_head_dim or any(d % 2 for d in value):
-            raise ValueError(
-                f"axes_dims_rope {list(value)} must be even and sum to attention_head_dim "
-                f"({self.attention_head_dim})"
-            )
+    axes_dims_rope: tuple[int, ...] = attrs.field(default=(16, 56, 56), converter=_axes, validator=_check_axes)
 
     @property
     def inner_dim(self) -> int:

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import CheckpointError, FormatError, IPAdapterError, ShapeError
-from diffcaps.models.flux._attention import PROCESSOR, FluxAttention, attend
+from diffcaps.layers import attention as attend
+from diffcaps.models.flux._attention import PROCESSOR, FluxAttention
 
 __all__ = [
     "FLUX_IP_ADAPTER",

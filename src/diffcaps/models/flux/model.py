@@ -14,16 +14,16 @@ from diffcaps.cache.spec import CacheSupport
 from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
+from diffcaps.layers import AdaLayerNormContinuous, RotaryEmbedding
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
 from diffcaps.models.flux._context_parallel import FLUX_CONTEXT_PARALLEL
-from diffcaps.models.flux._embeddings import FluxPosEmbed, TimeTextEmbedding
+from diffcaps.models.flux._embeddings import TimeTextEmbedding
 from diffcaps.models.flux._lora import FLUX_LORA
 from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
-from diffcaps.models.flux._norms import AdaLayerNormContinuous
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
 from diffcaps.parallel.spec import ContextParallelPlan
@@ -80,7 +80,7 @@ class FluxTransformer2DModel(Model[FluxConfig, FluxCapabilities]):
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
         self.out_channels = config.output_channels
         self.inner_dim = dim
-        self.pos_embed = FluxPosEmbed(config.axes_dims_rope)
+        self.pos_embed = RotaryEmbedding(config.axes_dims_rope)
         self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, guidance=config.guidance_embeds)
         self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(config.in_channels, dim)
@@ -143,7 +143,7 @@ class FluxTransformer2DModel(Model[FluxConfig, FluxCapabilities]):
         rotary: tuple[Tensor, Tensor] = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         # A feature may attach ``encoder_hid_proj`` (IP-Adapter does): it rewrites the attention
         # kwargs, e.g. projecting ``ip_adapter_image_embeds`` into image tokens, once per forward.
-        kwargs_projection = self._modules.get("encoder_hid_proj")
+        kwargs_projection: nn.Module | None = getattr(self, "encoder_hid_proj", None)
         if kwargs_projection is not None:
             joint_attention_kwargs = kwargs_projection(joint_attention_kwargs)
         elif joint_attention_kwargs:

@@ -1,0 +1,54 @@
+"""Model-agnostic building blocks that model folders compose.
+
+Layers that own parameters keep diffusers' parameter names, so a model built from them has
+a diffusers-compatible state dict. Tensors are [batch, seq, heads, head_dim] for attention
+and [batch, seq, dim] elsewhere.
+
+- :func:`attention`: scaled dot-product attention, with an optional mask.
+- :class:`RotaryEmbedding`, :func:`rope_frequencies`, :func:`apply_rope`,
+  :func:`grid_position_ids`: N-D RoPE from integer position ids, one axis per id column.
+- :func:`timestep_embedding`, :class:`TimestepEmbedding`, :class:`TextProjection`:
+  sinusoidal features and the MLPs that project conditioning to the model width.
+- :class:`FeedForward`, :class:`GELU`: the transformer MLP and its GELU projection.
+- :class:`RMSNorm`, :class:`AdaLayerNormZero`, :class:`AdaLayerNormZeroSingle`,
+  :class:`AdaLayerNormContinuous`, :func:`modulate`: norms and adaptive modulation.
+"""
+
+from diffcaps.layers._attention import attention as attention
+from diffcaps.layers._embeddings import (
+    TextProjection as TextProjection,
+    TimestepEmbedding as TimestepEmbedding,
+    timestep_embedding as timestep_embedding,
+)
+from diffcaps.layers._mlp import GELU as GELU, FeedForward as FeedForward
+from diffcaps.layers._norms import (
+    AdaLayerNormContinuous as AdaLayerNormContinuous,
+    AdaLayerNormZero as AdaLayerNormZero,
+    AdaLayerNormZeroSingle as AdaLayerNormZeroSingle,
+    RMSNorm as RMSNorm,
+    modulate as modulate,
+)
+from diffcaps.layers._rope import (
+    RotaryEmbedding as RotaryEmbedding,
+    apply_rope as apply_rope,
+    grid_position_ids as grid_position_ids,
+    rope_frequencies as rope_frequencies,
+)
+
+__all__ = [
+    "GELU",
+    "AdaLayerNormContinuous",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroSingle",
+    "FeedForward",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "TextProjection",
+    "TimestepEmbedding",
+    "apply_rope",
+    "attention",
+    "grid_position_ids",
+    "modulate",
+    "rope_frequencies",
+    "timestep_embedding",
+]
