@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcaps.casting import disable_layerwise_casting, enable_layerwise_casting
+from diffcaps import casting
+from diffcaps.casting import LayerwiseCastingConfig
 from diffcaps.errors import CapabilityError, CastingError
+from diffcaps.models.flux import FluxTransformer2DModel
 from tests.custom_model import seeded_tiny_dit
 from tests.flux_fixtures import TINY, diffusers_flux, flux_inputs, seeded_model
 
@@ -26,7 +28,7 @@ def test_storage_dtype_memory_and_skips(storage: torch.dtype) -> None:
     model = seeded_model(TINY)
     reference = _out(model)
     full = _param_bytes(model)
-    cast = enable_layerwise_casting(model, storage_dtype=storage)
+    cast = casting.enable(model, LayerwiseCastingConfig(storage_dtype=storage))
     assert "transformer_blocks.0.attn.to_q" in cast and "context_embedder" in cast
     assert not [n for n in cast if "norm" in n or n == "proj_out"]
     for name, module in model.named_modules():
@@ -48,7 +50,7 @@ def test_storage_dtype_memory_and_skips(storage: torch.dtype) -> None:
 def test_matches_diffusers_layerwise_casting() -> None:
     model = seeded_model(TINY)
     oracle = diffusers_flux(TINY, model.state_dict())
-    enable_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32))
     oracle.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     ours = {n: p.dtype for n, p in model.named_parameters()}
     theirs = {n: p.dtype for n, p in oracle.named_parameters()}
@@ -60,7 +62,7 @@ def test_peft_layers_are_never_cast() -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     model = seeded_model(TINY)
-    enable_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn)
+    casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn))
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "proj_mlp"]), model)
     lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for _, p in lora)
@@ -72,17 +74,18 @@ def test_casting_after_peft_skips_adapter_layers() -> None:
 
     model = seeded_model(TINY)
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), model)
-    cast = enable_layerwise_casting(model, storage_dtype=torch.bfloat16)
+    cast = casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.bfloat16))
     assert not [n for n in cast if "lora_" in n]
     assert "transformer_blocks.0.attn.to_q.base_layer" in cast
 
 
 def test_disable_upcasts_and_removes_hooks() -> None:
     model = seeded_model(TINY)
-    enable_layerwise_casting(model, storage_dtype=torch.bfloat16)
+    casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.bfloat16))
     rounded = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    restored = disable_layerwise_casting(model)
-    assert "transformer_blocks.0.attn.to_q" in restored
+    assert casting.active(model) == LayerwiseCastingConfig(storage_dtype=torch.bfloat16)
+    casting.disable(model)
+    assert casting.active(model) is None
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert all(torch.equal(p, rounded[n]) for n, p in model.named_parameters())
     assert all("forward" not in m.__dict__ for m in model.modules())
@@ -92,18 +95,30 @@ def test_bad_input_leaves_model_untouched() -> None:
     model = seeded_model(TINY)
     state = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(CastingError, match="floating-point"):
-        enable_layerwise_casting(model, storage_dtype=torch.int8)
+        LayerwiseCastingConfig(storage_dtype=torch.int8)
     with pytest.raises(CastingError, match="not a regular expression"):
-        enable_layerwise_casting(model, skip_patterns=["(unclosed"])
+        LayerwiseCastingConfig(skip_patterns=["(unclosed"])
+    with pytest.raises(CastingError, match="skip pattern 5 is not a string"):
+        LayerwiseCastingConfig(skip_patterns=[5])  # type: ignore[list-item]
+    with pytest.raises(CastingError, match="list of regular expressions"):
+        LayerwiseCastingConfig(skip_patterns="norm")
     with pytest.raises(CastingError, match="nothing would be saved"):
-        enable_layerwise_casting(model, storage_dtype=torch.float32)
+        LayerwiseCastingConfig(storage_dtype=torch.float32, compute_dtype=torch.float32)
+    with pytest.raises(CastingError, match="nothing would be saved"):
+        casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.float32))
     assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in model.state_dict().items())
-    enable_layerwise_casting(model)
+    assert casting.active(model) is None
+    casting.enable(model)
     with pytest.raises(CastingError, match="already enabled"):
-        enable_layerwise_casting(model)
+        casting.enable(model)
+    casting.disable(model)
+    casting.disable(model)  # nothing on: a no-op
+    assert casting.active(model) is None and all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_model_without_the_capability() -> None:
     with pytest.raises(CapabilityError, match="layerwise_casting"):
-        enable_layerwise_casting(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        casting.enable(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(CapabilityError, match="not the class"):
+        casting.enable(FluxTransformer2DModel)  # type: ignore[arg-type]
     assert seeded_tiny_dit().capabilities.layerwise_casting.skip_patterns == ("norm",)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffcaps import cache, lora
+from diffcaps import cache, casting, lora, offload
 from diffcaps.cache import FirstBlockCacheConfig
-from diffcaps.casting import enable_layerwise_casting
+from diffcaps.casting import LayerwiseCastingConfig
 from diffcaps.errors import DiffcapsError
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.offload import disable_group_offloading, enable_group_offloading, offload_state
+from diffcaps.offload import GroupOffloadingConfig
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model
 
 TARGETS = ("attn.to_q", "attn.to_v", "ff.net.2", "proj_mlp")
@@ -47,7 +47,7 @@ def test_lora_and_casting(order: str) -> None:
     model = seeded_model(TINY)
     if order == "lora-first":
         lora.load_adapter(model, _peft_lora(model), adapter_name="style")
-    cast = enable_layerwise_casting(model, storage_dtype=torch.bfloat16)
+    cast = casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.bfloat16))
     if order == "casting-first":
         lora.load_adapter(model, _peft_lora(model), adapter_name="style")
     assert not [n for n in cast if "lora_" in n]
@@ -64,26 +64,26 @@ def test_lora_loaded_and_unloaded_under_offloading(tmp_path: Path, to_disk: bool
     _, expected = _with_lora()
     model = seeded_model(TINY)
     plain = _out(model)
-    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path if to_disk else None)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path if to_disk else None))
     report = lora.load_adapter(model, _peft_lora(model), adapter_name="style")
     assert report.format == "diffusers"
     assert torch.equal(_out(model), expected)
     lora.unload(model)
     assert torch.equal(_out(model), plain)
-    assert offload_state(model) is not None
+    assert offload.active(model) is not None
 
 
 def test_a_failed_lora_load_keeps_offloading(tmp_path: Path) -> None:
     model = seeded_model(TINY)
     expected = _out(model)
-    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path))
     bad = _peft_lora(model)
     bad["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.zeros(5, 2)  # wrong shape
     with pytest.raises(DiffcapsError):
         lora.load_adapter(model, bad)
-    assert offload_state(model) is not None
+    assert offload.active(model) is not None
     assert torch.equal(_out(model), expected)
-    disable_group_offloading(model)
+    offload.disable(model)
     assert torch.equal(_out(model), expected)
 
 
@@ -108,10 +108,10 @@ def test_cache_and_offload_together(tmp_path: Path) -> None:
     skipped = cache.stats(cached)
     assert skipped.skipped() > 0 and skipped.computed() > 0
     model = seeded_model(TINY)
-    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path))
     cache.enable(model, config)
     assert torch.equal(_denoise(model), expected)
     assert cache.stats(model) == skipped
     cache.disable(model)
-    disable_group_offloading(model)
+    offload.disable(model)
     assert torch.equal(_denoise(model), _denoise(seeded_model(TINY)))

@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 
-from diffcaps.casting import enable_layerwise_casting
-from diffcaps.compile import compile_repeated_blocks, compiled_blocks, uncompile_repeated_blocks
+from diffcaps import casting, compile as regional_compile
+from diffcaps.casting import LayerwiseCastingConfig
+from diffcaps.compile import RegionalCompileConfig
 from diffcaps.errors import CapabilityError
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model
 
@@ -23,12 +24,14 @@ def test_compiles_each_repeated_block_and_matches_eager() -> None:
     torch._dynamo.reset()
     model = seeded_model(TINY)
     expected = _out(model)
-    names = compile_repeated_blocks(model, backend="aot_eager")
+    config = RegionalCompileConfig(backend="aot_eager")
+    names = regional_compile.enable(model, config)
     assert names == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
-    assert compiled_blocks(model) == names
+    assert regional_compile.active(model) is config
     torch.testing.assert_close(_out(model), expected, rtol=0, atol=1e-6)
-    uncompile_repeated_blocks(model)
-    assert compiled_blocks(model) == []
+    regional_compile.disable(model)
+    regional_compile.disable(model)  # nothing on: a no-op
+    assert regional_compile.active(model) is None
     assert torch.equal(_out(model), expected)
 
 
@@ -37,22 +40,22 @@ def test_inductor_matches_eager() -> None:
     torch._dynamo.reset()
     model = seeded_model(TINY)
     expected = _out(model)
-    compile_repeated_blocks(model)
+    regional_compile.enable(model)
     torch.testing.assert_close(_out(model), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_casting_then_compile() -> None:
     torch._dynamo.reset()
     model = seeded_model(TINY)
-    enable_layerwise_casting(model, storage_dtype=torch.bfloat16)
+    casting.enable(model, LayerwiseCastingConfig(storage_dtype=torch.bfloat16))
     expected = _out(model)
-    compile_repeated_blocks(model, backend="aot_eager")
+    regional_compile.enable(model, RegionalCompileConfig(backend="aot_eager"))
     torch.testing.assert_close(_out(model), expected, rtol=0, atol=1e-6)
 
 
 def test_a_model_without_repeated_blocks_is_refused() -> None:
     with pytest.raises(CapabilityError, match="Linear does not support 'repeated_blocks'"):
-        compile_repeated_blocks(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        regional_compile.enable(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
 
 
 def test_whole_model_compiles_in_one_graph() -> None:

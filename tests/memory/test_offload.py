@@ -11,7 +11,8 @@ import torch
 
 from diffcaps.errors import CapabilityError, OffloadError
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.offload import disable_group_offloading, enable_group_offloading, offload_state
+from diffcaps import offload
+from diffcaps.offload import GroupOffloadingConfig
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model
 
 
@@ -34,22 +35,24 @@ def _resident(module: torch.nn.Module) -> bool:
 def test_outputs_identical_and_disable_restores(tmp_path: Path, offload_type: Any, per_group: int, to_disk: bool) -> None:
     model = seeded_model(TINY)
     expected, before = _out(model), _state(model)
-    state = enable_group_offloading(
-        model, onload_device="cpu", offload_type=offload_type, num_blocks_per_group=per_group,
-        offload_to_disk_path=tmp_path / "groups" if to_disk else None,
-    )
+    config = GroupOffloadingConfig(onload_device="cpu", offload_type=offload_type, num_blocks_per_group=per_group,
+                                   offload_to_disk_path=tmp_path / "groups" if to_disk else None)
+    offload.enable(model, config)
+    assert offload.active(model) is config
+    *groups, rest = offload.groups(model)
+    assert rest.name == "rest"
     if offload_type == "block_level":
-        assert len(state.groups) == 2 * (2 // per_group)
+        assert len(groups) == 2 * (2 // per_group)
     else:
-        assert len(state.groups) == len([m for m in model.modules() if list(m.parameters(recurse=False))])
+        assert len(groups) == len([m for m in model.modules() if list(m.parameters(recurse=False))])
     assert torch.equal(_out(model), expected)
     assert torch.equal(_out(model), expected)  # a second pass after every group went back
-    assert all(g.moves == 2 for g in state.groups) and not any(g.onloaded for g in state.groups)
+    assert all(g.moves == 2 for g in groups) and not any(g.onloaded for g in groups)
     if to_disk:
-        assert len(list((tmp_path / "groups").glob("*.safetensors"))) == len(state.groups)
+        assert len(list((tmp_path / "groups").glob("*.safetensors"))) == len(groups)
         assert not _resident(model.transformer_blocks[0])  # weights live in the files between uses
-    disable_group_offloading(model)
-    assert offload_state(model) is None
+    offload.disable(model)
+    assert offload.active(model) is None and offload.groups(model) == ()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert not list((tmp_path / "groups").glob("*.safetensors")) if to_disk else True
@@ -57,7 +60,7 @@ def test_outputs_identical_and_disable_restores(tmp_path: Path, offload_type: An
 
 def test_only_the_running_group_is_onloaded(tmp_path: Path) -> None:
     model = seeded_model(TINY)
-    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path))
     seen: list[tuple[bool, ...]] = []
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
 
@@ -86,12 +89,12 @@ def test_lora_before_and_after_offloading(tmp_path: Path) -> None:
         if when == "before":
             torch.manual_seed(0)
             with_lora(model)
-        enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path / when)
+        offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path / when))
         if when == "after":
             torch.manual_seed(0)
             with_lora(model)
         assert torch.equal(_out(model), expected), when
-        disable_group_offloading(model)
+        offload.disable(model)
         assert torch.equal(_out(model), expected), when
 
 
@@ -99,33 +102,41 @@ def test_bad_input_leaves_model_untouched(tmp_path: Path) -> None:
     model = seeded_model(TINY)
     before = _state(model)
     with pytest.raises(OffloadError, match="num_blocks_per_group must be an integer >= 1, got 0"):
-        enable_group_offloading(model, onload_device="cpu", num_blocks_per_group=0)
+        GroupOffloadingConfig(onload_device="cpu", num_blocks_per_group=0)
+    with pytest.raises(OffloadError, match="num_blocks_per_group must be an integer >= 1, got 1.5"):
+        GroupOffloadingConfig(onload_device="cpu", num_blocks_per_group=1.5)  # type: ignore[arg-type]
     with pytest.raises(OffloadError, match="offload_type"):
-        enable_group_offloading(model, onload_device="cpu", offload_type="block")  # type: ignore[arg-type]
+        GroupOffloadingConfig(onload_device="cpu", offload_type="block")  # type: ignore[arg-type]
+    with pytest.raises(OffloadError, match="'nowhere' is not a device"):
+        GroupOffloadingConfig(onload_device="nowhere")
+    with pytest.raises(OffloadError, match="expected a GroupOffloadingConfig"):
+        offload.enable(model, {"onload_device": "cpu"})  # type: ignore[arg-type]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(OffloadError, match="not a writable folder"):
-        enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=blocker / "sub")
+        offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=blocker / "sub"))
     if os.geteuid() != 0:  # root can write anywhere
         read_only = tmp_path / "ro"
         read_only.mkdir(mode=0o500)
         with pytest.raises(OffloadError, match="not a writable folder"):
-            enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=read_only)
+            offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=read_only))
     with pytest.raises(OffloadError, match="use_stream=True needs CUDA"):
-        enable_group_offloading(model, onload_device="cpu", use_stream=True)
-    assert offload_state(model) is None and all("forward" not in m.__dict__ for m in model.modules())
+        GroupOffloadingConfig(onload_device="cpu", use_stream=True)
+    assert offload.active(model) is None and all("forward" not in m.__dict__ for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    enable_group_offloading(model, onload_device="cpu")
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu"))
     with pytest.raises(OffloadError, match="already enabled"):
-        enable_group_offloading(model, onload_device="cpu")
-    disable_group_offloading(model)
-    with pytest.raises(OffloadError, match="not enabled"):
-        disable_group_offloading(model)
+        offload.enable(model, GroupOffloadingConfig(onload_device="cpu"))
+    offload.disable(model)
+    offload.disable(model)  # nothing on: a no-op
+    assert offload.active(model) is None and all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_model_without_the_capability() -> None:
     with pytest.raises(CapabilityError, match="group_offloading"):
-        enable_group_offloading(torch.nn.Linear(2, 2), onload_device="cpu")  # type: ignore[arg-type]
+        offload.enable(torch.nn.Linear(2, 2), GroupOffloadingConfig(onload_device="cpu"))  # type: ignore[arg-type]
+    with pytest.raises(CapabilityError, match="not the class"):
+        offload.enable(FluxTransformer2DModel, GroupOffloadingConfig(onload_device="cpu"))  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
@@ -136,12 +147,12 @@ def test_cuda_onload_with_and_without_streams(use_stream: bool) -> None:
     with torch.no_grad():
         expected = model.cuda()(**inputs).sample
     model.cpu()
-    enable_group_offloading(model, onload_device="cuda", use_stream=use_stream)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cuda", use_stream=use_stream))
     assert all(p.device.type == "cpu" for p in model.parameters())
     with torch.no_grad():
         got = model(**inputs).sample
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    disable_group_offloading(model)
+    offload.disable(model)
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
@@ -150,7 +161,7 @@ def test_disk_offloading_keeps_no_view_of_the_loaded_file(tmp_path: Path) -> Non
     model = FluxTransformer2DModel.from_pretrained(tmp_path / "model")  # weights map the file
     mapped = {p.untyped_storage().data_ptr() for p in model.parameters()}
     expected = _out(model)
-    enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=tmp_path / "groups")
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path / "groups"))
     # Any parameter still viewing the loaded file's mapping would keep its pages resident.
     assert not mapped & {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert torch.equal(_out(model), expected)

@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast, final
 
+import attrs
 import torch
 from torch import nn
 
-from diffcaps.casting._service import LayerwiseCasting
+from diffcaps.casting._config import LayerwiseCastingConfig
+from diffcaps.casting._layers import GENERIC_SKIP_PATTERNS, cast_layers
 from diffcaps.errors import CastingError
-from diffcaps.hooks import Hook, add_hook, get_hook, hook_names, hooked_modules, remove_hook
+from diffcaps.hooks import Hook, add_hook, get_hook, remove_hook
 from diffcaps.protocols import SupportsLayerwiseCasting, require
+from diffcaps.slots import InstanceSlot
 
-__all__ = [
-    "CASTABLE_LAYERS",
-    "GENERIC_SKIP_PATTERNS",
-    "cast_layers",
-    "disable_layerwise_casting",
-    "enable_layerwise_casting",
-]
+__all__ = ["active", "disable", "enable"]
 
 HOOK_NAME: Final = "layerwise_casting"
 _ABSENT: Final = object()
-
-CASTABLE_LAYERS: Final = (
-    nn.Linear,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Embedding,
-)
-"""The only layer types whose weights are stored low (norms and the like stay as they are)."""
-
-GENERIC_SKIP_PATTERNS: Final = ("patch_embed", "^proj_in$", "^proj_out$")
-"""Skipped for every model in addition to the model's own patterns (input and output projections)."""
-
-_ADAPTER_LAYER_PATTERN: Final = r"(^|\.)(lora_[A-Za-z_]+|hada_[a-z0-9_]+|lokr_[a-z0-9_]+|oft_[a-z_]+)(\.|$)"
 
 
 class CastHook(Hook):
@@ -77,79 +59,66 @@ class CastHook(Hook):
         return output
 
 
-def _skipped(name: str, patterns: Sequence[str]) -> bool:
-    return re.search(_ADAPTER_LAYER_PATTERN, name) is not None or any(re.search(p, name) for p in patterns)
+@final
+@attrs.define
+class _Cast:
+    """What ``enable`` did on one model instance: its config and the layers it cast."""
+
+    config: LayerwiseCastingConfig
+    layers: list[nn.Module]
 
 
-def cast_layers(model: nn.Module, skip_patterns: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
-    """The layers layerwise casting acts on: castable types, outside every skipped subtree."""
-
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        if prefix and _skipped(prefix, skip_patterns):
-            return
-        if isinstance(module, CASTABLE_LAYERS):
-            yield prefix, module
-            return
-        for child_name, child in module.named_children():
-            yield from walk(child, f"{prefix}.{child_name}" if prefix else child_name)
-
-    yield from walk(model, "")
+_SLOT: Final = InstanceSlot("layerwise_casting", _Cast)
 
 
-def _check_dtype(dtype: object, role: str) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CastingError(f"{role} must be a floating-point torch.dtype, got {dtype!r}")
-    return dtype
+def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | None = None) -> list[str]:
+    """Store the weights of Linear/Conv/Embedding layers low; returns the cast layers' names.
 
-
-def enable_layerwise_casting(
-    model: SupportsLayerwiseCasting,
-    *,
-    storage_dtype: torch.dtype = torch.float8_e4m3fn,
-    compute_dtype: torch.dtype | None = None,
-    skip_patterns: Sequence[str] | None = None,
-) -> list[str]:
-    """Store the weights of Linear/Conv/Embedding layers in ``storage_dtype``; returns the cast layers' names.
-
-    Each cast layer is upcast to ``compute_dtype`` (default: the model's parameter dtype) just
-    for its own forward. ``skip_patterns`` (regular expressions searched in module names; a
-    match skips the whole subtree) default to the model's declared patterns plus
-    ``GENERIC_SKIP_PATTERNS``. peft adapter layers are never cast.
+    See :class:`LayerwiseCastingConfig` (the default stores fp8, computes in the model's
+    dtype). peft adapter layers are never cast. Enabling twice is an error: ``disable`` first.
     """
-    model, service = require(model, "layerwise_casting")
-    if any(HOOK_NAME in hook_names(module) for _, module in hooked_modules(model)):
-        raise CastingError(f"layerwise casting is already enabled on this {type(model).__name__}; disable it first")
-    storage = _check_dtype(storage_dtype, "storage_dtype")
-    first = next(model.parameters(), None)
-    compute = _check_dtype(compute_dtype if compute_dtype is not None else (first.dtype if first is not None else torch.float32), "compute_dtype")
-    if storage == compute:
-        raise CastingError(f"storage_dtype and compute_dtype are both {storage}: nothing would be saved")
-    patterns = tuple(skip_patterns) if skip_patterns is not None else service.skip_patterns + GENERIC_SKIP_PATTERNS
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise CastingError(f"skip pattern {pattern!r} is not a regular expression: {exc}") from None
-    layers = list(cast_layers(model, patterns))
+    config = LayerwiseCastingConfig() if config is None else config
+    given = cast(object, config)
+    if not isinstance(given, LayerwiseCastingConfig):
+        raise CastingError(f"expected a LayerwiseCastingConfig, got {type(given).__name__}")
+    module, service = require(model, "layerwise_casting")
+    if _SLOT.get(module) is not None:
+        raise CastingError(f"layerwise casting is already enabled on this {type(module).__name__}; disable it first")
+    first = next(module.parameters(), None)
+    compute = config.compute_dtype or (first.dtype if first is not None else torch.float32)
+    if not compute.is_floating_point:
+        raise CastingError(f"compute_dtype must be a floating-point torch.dtype, got {compute!r}")
+    if config.storage_dtype == compute:
+        raise CastingError(f"storage_dtype and compute_dtype are both {compute}: nothing would be saved")
+    patterns = config.skip_patterns
+    if patterns is None:
+        patterns = service.skip_patterns + GENERIC_SKIP_PATTERNS
+    layers = list(cast_layers(module, patterns))
     for _, layer in layers:  # checked before anything is cast
         for name, param in layer.named_parameters(recurse=False):
             if not param.dtype.is_floating_point:
                 raise CastingError(f"cannot cast non-float parameter {name} ({param.dtype})")
     for _, layer in layers:
-        add_hook(layer, HOOK_NAME, CastHook(storage, compute))
+        add_hook(layer, HOOK_NAME, CastHook(config.storage_dtype, compute))
+    _SLOT.set(module, _Cast(config=config, layers=[layer for _, layer in layers]))
     return [name for name, _ in layers]
 
 
-def disable_layerwise_casting(model: SupportsLayerwiseCasting) -> list[str]:
+def disable(model: SupportsLayerwiseCasting) -> None:
     """Remove the casting hooks and upcast the stored weights to the compute dtype.
 
     The weights keep the rounding of the storage dtype: reload the model for the exact
-    original values. Returns the names of the layers that were cast.
+    original values. Nothing happens if casting is off.
     """
-    model, _ = require(model, "layerwise_casting")
-    restored = []
-    for name, module in list(hooked_modules(model)):
-        if get_hook(module, HOOK_NAME) is not None:
-            remove_hook(module, HOOK_NAME)
-            restored.append(name)
-    return restored
+    module, _ = require(model, "layerwise_casting")
+    state = _SLOT.clear(module)
+    for layer in [] if state is None else state.layers:
+        if get_hook(layer, HOOK_NAME) is not None:
+            remove_hook(layer, HOOK_NAME)
+
+
+def active(model: SupportsLayerwiseCasting) -> LayerwiseCastingConfig | None:
+    """The config casting runs with, or ``None`` when it is off."""
+    module, _ = require(model, "layerwise_casting")
+    state = _SLOT.get(module)
+    return None if state is None else state.config

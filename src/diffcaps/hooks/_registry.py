@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any, Final, TypeVar, final, overload
+from typing import Any, Final, TypeVar, cast, final, overload
 
 from torch import nn
 
 from diffcaps.errors import HookError
 from diffcaps.hooks._hook import Forward, Hook, wrap
+from diffcaps.slots import InstanceSlot
 
 __all__ = ["add_hook", "get_hook", "hook_names", "hooked_modules", "remove_hook", "reset_hooks"]
 
-_ATTRIBUTE: Final = "_diffcaps_hooks"
 _MISSING: Final = object()
 
 H = TypeVar("H", bound=Hook)
@@ -65,9 +65,9 @@ class HookRegistry:
             )
 
     def _original(self) -> Forward:
-        if self._saved is not _MISSING:
-            saved: Forward = self._saved  # type: ignore[assignment]  # an instance forward is callable
-            return saved
+        saved = self._saved
+        if saved is not _MISSING and callable(saved):
+            return cast(Forward, saved)
         bound: Forward = type(self.module).forward.__get__(self.module)
         return bound
 
@@ -77,7 +77,7 @@ class HookRegistry:
                 del self.module.__dict__["forward"]
             else:
                 self.module.__dict__["forward"] = self._saved
-            del self.module.__dict__[_ATTRIBUTE]
+            _SLOT.clear(self.module)
             self._installed = None
             return
         original = self._original()
@@ -98,9 +98,11 @@ def _forwarding(chain: Forward) -> Forward:
     return forward
 
 
+_SLOT: Final = InstanceSlot("hooks", HookRegistry)
+
+
 def _registry(module: nn.Module) -> HookRegistry | None:
-    found: HookRegistry | None = module.__dict__.get(_ATTRIBUTE)
-    return found
+    return _SLOT.get(module)
 
 
 def add_hook(module: nn.Module, name: str, hook: Hook) -> None:
@@ -108,12 +110,12 @@ def add_hook(module: nn.Module, name: str, hook: Hook) -> None:
     registry = _registry(module)
     if registry is None:
         registry = HookRegistry(module)
-        module.__dict__[_ATTRIBUTE] = registry
+        _SLOT.set(module, registry)
     try:
         registry.add(name, hook)
     except BaseException:
         if not registry.hooks:
-            del module.__dict__[_ATTRIBUTE]
+            _SLOT.clear(module)
         raise
 
 

@@ -9,7 +9,7 @@ call the statistics pass through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -24,7 +24,7 @@ _reducer: ContextVar[Reducer | None] = ContextVar("diffcaps_shard_reducer", defa
 
 
 @contextmanager
-def sharded(reducer: Reducer) -> Iterator[None]:
+def sharded(reducer: Reducer) -> Generator[None]:
     """Within the block, :func:`sum_over_shards` sums with ``reducer``."""
     token = _reducer.set(reducer)
     try:

@@ -8,7 +8,7 @@ number of hooks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Generic, TypeVar, final
 
@@ -53,7 +53,7 @@ class StateContext:
         return outer
 
     @contextmanager
-    def use(self, name: str) -> Iterator[None]:
+    def use(self, name: str) -> Generator[None]:
         """Make ``name`` the active context inside the ``with`` block (nesting restores the outer one)."""
         outer = self.swap(name)
         try:

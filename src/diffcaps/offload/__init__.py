@@ -1,19 +1,17 @@
-"""Group offloading: weights rest on the CPU (or on disk) and move to the compute device group by group."""
+"""Group offloading: weights rest on the CPU (or on disk) and move to the compute device group by group.
 
+``enable(model, GroupOffloadingConfig(onload_device="cuda"))`` switches it on, ``active(model)``
+gives the config in force (``None`` when off), ``disable(model)`` puts every weight back where it
+was. ``groups(model)`` lists the groups and how often each moved.
+"""
+
+from diffcaps.offload._config import GroupOffloadingConfig as GroupOffloadingConfig
 from diffcaps.offload._functions import (
-    OffloadState as OffloadState,
-    disable_group_offloading as disable_group_offloading,
-    enable_group_offloading as enable_group_offloading,
-    offload_state as offload_state,
+    active as active,
+    disable as disable,
+    enable as enable,
+    groups as groups,
 )
 from diffcaps.offload._groups import OffloadGroup as OffloadGroup
-from diffcaps.offload._service import GroupOffloading as GroupOffloading
 
-__all__ = [
-    "GroupOffloading",
-    "OffloadGroup",
-    "OffloadState",
-    "disable_group_offloading",
-    "enable_group_offloading",
-    "offload_state",
-]
+__all__ = ["GroupOffloadingConfig", "OffloadGroup", "active", "disable", "enable", "groups"]

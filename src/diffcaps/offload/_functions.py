@@ -1,12 +1,12 @@
-"""``enable_group_offloading`` / ``disable_group_offloading``: weights live off the compute device."""
+"""``enable`` / ``disable`` / ``active``: weights live off the compute device, group by group."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, cast, final
 
 import attrs
 import torch
@@ -14,32 +14,33 @@ from torch import nn
 
 from diffcaps.errors import OffloadError
 from diffcaps.hooks import Hook, add_hook, get_hook, remove_hook
+from diffcaps.offload._config import GroupOffloadingConfig
 from diffcaps.offload._groups import OffloadGroup
-from diffcaps.offload._service import GroupOffloading
 from diffcaps.protocols import SupportsGroupOffloading, require
+from diffcaps.slots import InstanceSlot
 
-__all__ = ["OffloadState", "disable_group_offloading", "enable_group_offloading", "offload_state"]
+__all__ = ["active", "disable", "enable", "groups"]
 
 HOOK_NAME: Final = "group_offloading"
-_STATE: Final = "_diffcaps_group_offloading"
 
-OffloadType = Literal["block_level", "leaf_level"]
+Members = Callable[[], Iterator[nn.Module]]
+"""The modules a group holds, looked up afresh at each move."""
 
 
+@final
 @attrs.define
 class OffloadState:
-    """What ``enable_group_offloading`` set up on one model instance (read it, don't change it)."""
+    """What ``enable`` set up on one model instance: the config, the groups, the hooked modules."""
 
+    config: GroupOffloadingConfig
     groups: list[OffloadGroup]
     rest: OffloadGroup
     hooked: list[nn.Module]
-    offload_type: OffloadType
     disk_folder: Path | None
-    stream: Any = None
+    stream: torch.cuda.Stream | None = None
 
-    def group_names(self) -> list[str]:
-        """Names of the groups, in execution order, the rest group last."""
-        return [g.name for g in self.groups] + [self.rest.name]
+
+_SLOT: Final = InstanceSlot("group_offloading", OffloadState)
 
 
 class _GroupHook(Hook):
@@ -66,7 +67,7 @@ class _GroupHook(Hook):
         return output
 
 
-def _onload_with_stream(group: OffloadGroup, following: OffloadGroup | None, stream: Any) -> None:
+def _onload_with_stream(group: OffloadGroup, following: OffloadGroup | None, stream: torch.cuda.Stream) -> None:
     current = torch.cuda.current_stream()
     if not group.onloaded:
         with torch.cuda.stream(stream):
@@ -77,12 +78,6 @@ def _onload_with_stream(group: OffloadGroup, following: OffloadGroup | None, str
     if following is not None and not following.onloaded:
         with torch.cuda.stream(stream):  # copy the next group while this one computes
             following.onload()
-
-
-def offload_state(model: nn.Module) -> OffloadState | None:
-    """The offloading set up on ``model``, or ``None``."""
-    found: OffloadState | None = model.__dict__.get(_STATE)
-    return found
 
 
 def _module_list(model: nn.Module, name: str) -> nn.ModuleList:
@@ -103,63 +98,49 @@ def _check_disk_folder(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def enable_group_offloading(
-    model: SupportsGroupOffloading,
-    *,
-    onload_device: str | torch.device,
-    offload_device: str | torch.device = "cpu",
-    offload_type: OffloadType = "block_level",
-    num_blocks_per_group: int = 1,
-    non_blocking: bool = False,
-    use_stream: bool = False,
-    offload_to_disk_path: str | os.PathLike[str] | None = None,
-) -> OffloadState:
-    """Keep the model's weights on ``offload_device`` (or on disk) and bring each group in only to run.
+def enable(model: SupportsGroupOffloading, config: GroupOffloadingConfig) -> None:
+    """Keep the model's weights off the compute device and bring each group in only to run.
 
-    ``block_level``: the declared block lists are cut into groups of ``num_blocks_per_group``
-    consecutive blocks; ``leaf_level``: every module that owns parameters is its own group.
     What belongs to no group (embedders, output head, later additions) forms a last group
-    that is onloaded for the whole forward. With ``offload_to_disk_path``, each group's
-    tensors are written to ``<path>/<group>.safetensors`` and are not resident between uses.
-    ``use_stream`` (CUDA only) copies the next block group on a side stream while the
-    current one computes.
+    that is onloaded for the whole forward. See :class:`GroupOffloadingConfig` for the
+    settings. Enabling twice is an error: ``disable`` first.
     """
-    model, service = require(model, "group_offloading")
-    if offload_state(model) is not None:
-        raise OffloadError(f"group offloading is already enabled on this {type(model).__name__}; disable it first")
-    if offload_type not in ("block_level", "leaf_level"):
-        raise OffloadError(f"offload_type must be 'block_level' or 'leaf_level', got {offload_type!r}")
-    if isinstance(num_blocks_per_group, bool) or num_blocks_per_group < 1:
-        raise OffloadError(f"num_blocks_per_group must be an integer >= 1, got {num_blocks_per_group!r}")
-    onload, offload = torch.device(onload_device), torch.device(offload_device)
-    if use_stream and (onload.type != "cuda" or not torch.cuda.is_available()):
+    given = cast(object, config)
+    if not isinstance(given, GroupOffloadingConfig):
+        raise OffloadError(f"expected a GroupOffloadingConfig, got {type(given).__name__}")
+    module, service = require(model, "group_offloading")
+    if _SLOT.get(module) is not None:
+        raise OffloadError(f"group offloading is already enabled on this {type(module).__name__}; disable it first")
+    if config.use_stream and not torch.cuda.is_available():
         raise OffloadError("use_stream=True needs CUDA and a CUDA onload_device")
-    disk = _check_disk_folder(offload_to_disk_path) if offload_to_disk_path is not None else None
-    lists = [_module_list(model, name) for name in service.block_lists]
+    disk = _check_disk_folder(config.offload_to_disk_path) if config.offload_to_disk_path is not None else None
+    lists = [_module_list(module, name) for name in service.block_lists]
 
-    def group(name: str, roots: list[nn.Module], members: Any) -> OffloadGroup:
-        return OffloadGroup(name, roots, members=members, onload_device=onload, offload_device=offload,
-                            non_blocking=non_blocking or use_stream, pin_memory=use_stream)
+    def group(name: str, roots: list[nn.Module], members: Members) -> OffloadGroup:
+        return OffloadGroup(name, roots, members=members, onload_device=config.onload_device,
+                            offload_device=config.offload_device, non_blocking=config.non_blocking or config.use_stream,
+                            pin_memory=config.use_stream)
 
     groups: list[OffloadGroup] = []
-    if offload_type == "block_level":
+    per_group = config.num_blocks_per_group
+    if config.offload_type == "block_level":
         for list_name, blocks in zip(service.block_lists, lists, strict=True):
-            for start in range(0, len(blocks), num_blocks_per_group):
-                roots = list(blocks[start : start + num_blocks_per_group])
+            for start in range(0, len(blocks), per_group):
+                roots = list(blocks[start : start + per_group])
                 end = start + len(roots) - 1
                 name = f"{list_name}.{start}" if start == end else f"{list_name}.{start}-{end}"
                 groups.append(group(name, roots, _under(roots)))
     else:
-        for name, module in model.named_modules():
-            if module is not model and any(True for _ in module.parameters(recurse=False)):
-                groups.append(group(name, [module], _just(module)))
+        for name, leaf in module.named_modules():
+            if leaf is not module and any(True for _ in leaf.parameters(recurse=False)):
+                groups.append(group(name, [leaf], _just(leaf)))
     claimed = [root for g in groups for root in g.roots]
-    rest = group("rest", [model], _rest(model, claimed, recurse_claimed=offload_type == "block_level"))
+    rest = group("rest", [module], _rest(module, claimed, recurse_claimed=config.offload_type == "block_level"))
 
-    qualified = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
-                                       *model.named_buffers(remove_duplicate=False)]}
-    state = OffloadState(groups=groups, rest=rest, hooked=[], offload_type=offload_type, disk_folder=disk,
-                         stream=_side_stream() if use_stream else None)
+    qualified = {id(t): n for n, t in [*module.named_parameters(remove_duplicate=False),
+                                       *module.named_buffers(remove_duplicate=False)]}
+    state = OffloadState(config=config, groups=groups, rest=rest, hooked=[], disk_folder=disk,
+                         stream=_side_stream() if config.use_stream else None)
     written: list[Path] = []
     rest.private_copies = disk is not None
     try:
@@ -173,31 +154,31 @@ def enable_group_offloading(
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    _install_hooks(model, state)
-    model.__dict__[_STATE] = state
+    _install_hooks(module, state)
+    _SLOT.set(module, state)
     for g in [*groups, rest]:
         g.offload()
-    return state
 
 
-def _side_stream() -> Any:
-    return torch.cuda.Stream()  # type: ignore[no-untyped-call]
+def _side_stream() -> torch.cuda.Stream:
+    make: Callable[[], torch.cuda.Stream] = torch.cuda.Stream  # its __init__ is untyped in torch
+    return make()
 
 
-def _under(roots: list[nn.Module]) -> Any:
+def _under(roots: list[nn.Module]) -> Members:
     def members() -> Iterator[nn.Module]:
         for root in roots:
             yield from root.modules()
     return members
 
 
-def _just(module: nn.Module) -> Any:
+def _just(module: nn.Module) -> Members:
     def members() -> Iterator[nn.Module]:
         yield module
     return members
 
 
-def _rest(model: nn.Module, claimed: list[nn.Module], *, recurse_claimed: bool) -> Any:
+def _rest(model: nn.Module, claimed: list[nn.Module], *, recurse_claimed: bool) -> Members:
     def members() -> Iterator[nn.Module]:
         taken = {id(m) for root in claimed for m in (root.modules() if recurse_claimed else (root,))}
         for module in model.modules():
@@ -221,12 +202,15 @@ def _install_hooks(model: nn.Module, state: OffloadState) -> None:
             state.hooked += [first, last]
 
 
-def disable_group_offloading(model: SupportsGroupOffloading) -> None:
-    """Bring every weight back to the device it was on before offloading and remove the hooks."""
-    model, _ = require(model, "group_offloading")
-    state = offload_state(model)
+def disable(model: SupportsGroupOffloading) -> None:
+    """Bring every weight back to the device it was on before offloading and remove the hooks.
+
+    Nothing happens if offloading is off.
+    """
+    module, _ = require(model, "group_offloading")
+    state = _SLOT.clear(module)
     if state is None:
-        raise OffloadError(f"group offloading is not enabled on this {type(model).__name__}")
+        return
     for g in [*state.groups, state.rest]:
         g.restore()
     for module in state.hooked:
@@ -235,4 +219,17 @@ def disable_group_offloading(model: SupportsGroupOffloading) -> None:
     for g in state.groups:
         if g.file is not None:
             g.file.unlink(missing_ok=True)
-    del model.__dict__[_STATE]
+
+
+def active(model: SupportsGroupOffloading) -> GroupOffloadingConfig | None:
+    """The config offloading runs with, or ``None`` when it is off."""
+    module, _ = require(model, "group_offloading")
+    state = _SLOT.get(module)
+    return None if state is None else state.config
+
+
+def groups(model: SupportsGroupOffloading) -> tuple[OffloadGroup, ...]:
+    """The offload groups in execution order, the rest group last (empty when offloading is off)."""
+    module, _ = require(model, "group_offloading")
+    state = _SLOT.get(module)
+    return () if state is None else (*state.groups, state.rest)

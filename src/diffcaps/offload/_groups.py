@@ -24,9 +24,7 @@ Slot = tuple[nn.Module, str, bool]
 
 def _tensor(slot: Slot) -> torch.Tensor:
     module, name, is_buffer = slot
-    found = module._buffers[name] if is_buffer else module._parameters[name]
-    assert found is not None
-    return found
+    return module.get_buffer(name) if is_buffer else module.get_parameter(name)
 
 
 class OffloadGroup:
@@ -61,12 +59,10 @@ class OffloadGroup:
     def slots(self) -> Iterator[tuple[str, Slot]]:
         """(qualified name under the group's modules, slot) for every tensor the group holds now."""
         for module in self._members():
-            for name, value in module._parameters.items():
-                if value is not None:
-                    yield name, (module, name, False)
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    yield name, (module, name, True)
+            for name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+                yield name, (module, name, False)
+            for name, _ in module.named_buffers(recurse=False, remove_duplicate=False):
+                yield name, (module, name, True)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """The group's parameters and buffers as they are now."""
