@@ -42,14 +42,14 @@ def _forward(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
 
 
 def _untouched(model: nn.Module) -> bool:
-    return (not list(hooked_modules(model)) and cache.current(model) is None  # type: ignore[arg-type]
+    return (not list(hooked_modules(model)) and cache.active(model) is None  # type: ignore[arg-type]
             and all("forward" not in m.__dict__ for m in model.modules()))
 
 
 def test_metadata_lists_the_cache_kinds() -> None:
     row = FluxTransformer2DModel.metadata()["cache"]
     assert row.entries == ALL_KINDS
-    assert FluxTransformer2DModel.capabilities.cache.kinds() == ALL_KINDS
+    assert FluxTransformer2DModel.declared_capabilities().cache.kinds() == ALL_KINDS
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -62,11 +62,13 @@ def test_disable_restores_the_uncached_model_exactly(config: cache.CacheConfig) 
     cached, _ = denoise(model, inputs, _enter(model))
     assert cache.stats(model).skipped() > 0
     assert not torch.equal(cached, uncached)
-    assert cache.disable(model) == config
+    assert cache.active(model) == config
+    cache.disable(model)
     assert _untouched(model)
     again, _ = denoise(model, inputs, _enter(model))
     assert torch.equal(again, uncached)
-    assert cache.disable(model) is None  # idempotent
+    cache.disable(model)  # nothing on: a no-op
+    assert _untouched(model)
 
 
 def test_only_one_cache_at_a_time() -> None:
@@ -75,10 +77,10 @@ def test_only_one_cache_at_a_time() -> None:
     cache.enable(model, first)
     with pytest.raises(CacheError, match="already has FirstBlockCacheConfig enabled"):
         cache.enable(model, cache.TaylorSeerCacheConfig())
-    assert cache.current(model) == first
+    assert cache.active(model) == first
     cache.disable(model)
     cache.enable(model, cache.TaylorSeerCacheConfig())
-    assert isinstance(cache.current(model), cache.TaylorSeerCacheConfig)
+    assert isinstance(cache.active(model), cache.TaylorSeerCacheConfig)
 
 
 @pytest.mark.parametrize(("build", "message"), [
@@ -97,6 +99,16 @@ def test_only_one_cache_at_a_time() -> None:
     (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=(1, 2, 3)), "timestep range"),
     (lambda: cache.TaylorSeerCacheConfig(cache_interval=0), "cache_interval"),
     (lambda: cache.TaylorSeerCacheConfig(taylor_factors_dtype=torch.int8), "floating dtype"),
+    (lambda: cache.FirstBlockCacheConfig(threshold="0.1"), "threshold must be a number, got str"),
+    (lambda: cache.MagCacheConfig(threshold="high", calibrate=True), "threshold must be a number"),
+    (lambda: cache.MagCacheConfig(num_inference_steps=2.5, calibrate=True), "num_inference_steps must be an integer"),
+    (lambda: cache.MagCacheConfig(mag_ratios={"cond": (1.0,)}, num_inference_steps=1), "not a mapping by context"),
+    (lambda: cache.MagCacheConfig(mag_ratios=["a"], num_inference_steps=1), "sequence of numbers"),
+    (lambda: cache.TaylorSeerCacheConfig(cache_interval=1.5), "cache_interval must be an integer"),
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range="2"), "must be an integer"),
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=[5]), "list of strings"),
+    (lambda: cache.FasterCacheConfig(alpha_low_frequency="1.1"), "alpha_low_frequency must be a number"),
+    (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=("a", "b")), "two numbers"),
 ])
 def test_bad_configs_are_refused_when_built(build: Any, message: str) -> None:
     with pytest.raises(CacheError, match=message):
@@ -234,6 +246,45 @@ def test_calibration_ratios_need_calibration_mode() -> None:
     cache.enable(model, cache.FirstBlockCacheConfig())
     with pytest.raises(CacheError, match="calibrate=True"):
         cache.calibrated_mag_ratios(model)
+
+
+def test_calibrated_ratios_enable_mag_cache() -> None:
+    model = seeded_model(TINY)
+    inputs = flux_inputs(TINY, height=8, width=8)
+    cache.enable(model, cache.MagCacheConfig(calibrate=True, num_inference_steps=20))
+    with pytest.raises(CacheError, match="no complete calibration run yet"):
+        cache.calibrated_mag_ratios(model)
+    uncached, _ = denoise(model, inputs, _enter(model))
+    assert cache.stats(model).skipped() == 0  # calibration computes every step
+    ratios = cache.calibrated_mag_ratios(model)
+    assert ratios == cache.calibrated_mag_ratios(model, context="cond") and len(ratios) == 20
+    with pytest.raises(CacheError, match="calibrated: 'cond'"):
+        cache.calibrated_mag_ratios(model, context="uncond")
+    cache.disable(model)
+
+    config = cache.MagCacheConfig(mag_ratios=ratios, num_inference_steps=20, threshold=0.5)
+    cache.enable(model, config)
+    cached, ran = denoise(model, inputs, _enter(model))
+    stats = cache.stats(model)
+    cache.disable(model)
+    # the same skips as a run with the same table written out by hand
+    cache.enable(model, cache.MagCacheConfig(mag_ratios=list(ratios), num_inference_steps=20, threshold=0.5))
+    again, ran_again = denoise(model, inputs, _enter(model))
+    assert cache.stats(model) == stats and ran_again == ran and torch.equal(again, cached)
+    cache.disable(model)
+    assert stats.skipped() > 0 and stats.computed() > 0
+    assert not torch.equal(cached, uncached)
+
+
+def test_calibrations_of_several_contexts_need_a_name() -> None:
+    model = seeded_model(TINY)
+    inputs = flux_inputs(TINY, height=8, width=8)
+    cache.enable(model, cache.MagCacheConfig(calibrate=True, num_inference_steps=20))
+    denoise(model, inputs, _enter(model, "cond"))
+    denoise(model, inputs, _enter(model, "uncond"))
+    with pytest.raises(CacheError, match="pass context="):
+        cache.calibrated_mag_ratios(model)
+    assert len(cache.calibrated_mag_ratios(model, context="uncond")) == 20
 
 
 def test_mag_ratios_tensor_and_interpolation() -> None:

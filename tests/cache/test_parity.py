@@ -87,7 +87,7 @@ def _calibrated_ratios(config: FluxConfig, ours: FluxTransformer2DModel) -> tupl
     cache.enable(ours, cache.MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
     try:
         denoise(ours, flux_inputs(config, height=8, width=8), _ours_enter(ours))
-        return cache.calibrated_mag_ratios(ours)["cond"]
+        return cache.calibrated_mag_ratios(ours, context="cond")
     finally:
         cache.disable(ours)
 

@@ -79,7 +79,7 @@ def test_faster_cache_tensor_format_must_match_the_model() -> None:
     model = seeded_toy()
     with pytest.raises(CacheError, match="tensor_format"):
         cache.enable(model, cache.FasterCacheConfig(tensor_format="BFCHW"))
-    assert cache.current(model) is None
+    assert cache.active(model) is None
 
 
 def _block_stack(model: ToyDenoiser, tokens: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcaps import Capabilities, ModuleTypes
-from diffcaps.cache import BlockList, CacheSupport
+from diffcaps import Capabilities, Model, ModelConfig, ModuleTypes, capability
+from diffcaps.cache.spec import BlockList, CacheSupport
 
 
 def _attention_class() -> type[nn.Module]:
@@ -35,7 +35,17 @@ def toy_support() -> CacheSupport:
 class ToyCapabilities(Capabilities):
     """The toy declares only caches."""
 
-    cache: CacheSupport = attrs.field(factory=toy_support, validator=attrs.validators.instance_of(CacheSupport))
+    cache: CacheSupport = capability(toy_support())
+
+
+@attrs.frozen(kw_only=True)
+class ToyConfig(ModelConfig):
+    """The toy's sizes."""
+
+    class_name: ClassVar[str] = "ToyDenoiser"
+    channels: int = 4
+    dim: int = 16
+    depth: int = 3
 
 
 class ToyBlock(nn.Module):
@@ -58,13 +68,13 @@ class ToyOutput:
     sample: Tensor
 
 
-class ToyDenoiser(nn.Module):
+@final
+class ToyDenoiser(Model[ToyConfig, ToyCapabilities]):
     """Patchless image denoiser: pixels are tokens; the condition is added to every token."""
 
-    capabilities: ClassVar[ToyCapabilities] = ToyCapabilities()
-
-    def __init__(self, channels: int = 4, dim: int = 16, depth: int = 3) -> None:
-        super().__init__()
+    def __init__(self, config: ToyConfig) -> None:
+        super().__init__(config)
+        channels, dim, depth = config.channels, config.dim, config.depth
         self.proj_in = nn.Linear(channels, dim)
         self.cond = nn.Linear(8, dim)
         self.time = nn.Linear(1, dim)
@@ -86,4 +96,4 @@ class ToyDenoiser(nn.Module):
 def seeded_toy(seed: int = 0) -> ToyDenoiser:
     """A toy denoiser with reproducible weights."""
     torch.manual_seed(seed)
-    return ToyDenoiser().eval()
+    return ToyDenoiser(ToyConfig()).eval()

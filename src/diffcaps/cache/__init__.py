@@ -3,9 +3,12 @@
 ``enable(model, config)`` installs one cache (First Block Cache, FasterCache, Pyramid Attention
 Broadcast, TaylorSeer or MagCache) from a frozen config whose fields and defaults are
 diffusers'; ``context(model, name)`` keeps the state of each denoising pass ("cond",
-"uncond") apart; ``stats(model)`` tells what was computed and skipped; ``disable(model)``
-restores every forward exactly. A model says where its blocks and attention are with a
-:class:`CacheSupport` in its capabilities; this package never names a model class.
+"uncond") apart; ``stats(model)`` tells what was computed and skipped; ``active(model)`` gives the config in
+force (``None`` when off); ``disable(model)`` restores every forward exactly. MagCache needs
+per-model ratios: run once with ``MagCacheConfig(calibrate=True)``, then pass
+``calibrated_mag_ratios(model)`` as ``MagCacheConfig(mag_ratios=...)``. A model says where its
+blocks and attention are with a ``CacheSupport`` (:mod:`diffcaps.cache.spec`) in its
+capabilities; this package never names a model class.
 
 ``torch.compile``: enable the cache before the first compiled call (the functions also take
 the compiled wrapper and act on the model inside it). The hooked forwards are traced; each
@@ -17,9 +20,9 @@ decision at the model's entry.
 """
 
 from diffcaps.cache._api import (
+    active as active,
     calibrated_mag_ratios as calibrated_mag_ratios,
     context as context,
-    current as current,
     disable as disable,
     enable as enable,
     reset as reset,
@@ -34,23 +37,20 @@ from diffcaps.cache._config import (
     TaylorSeerCacheConfig as TaylorSeerCacheConfig,
     interpolate_mag_ratios as interpolate_mag_ratios,
 )
-from diffcaps.cache._service import BlockList as BlockList, CacheSupport as CacheSupport
 from diffcaps.cache._stats import CacheStats as CacheStats, GroupStats as GroupStats
 
 __all__ = [
-    "BlockList",
     "CacheConfig",
     "CacheStats",
-    "CacheSupport",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
     "GroupStats",
     "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",
     "TaylorSeerCacheConfig",
+    "active",
     "calibrated_mag_ratios",
     "context",
-    "current",
     "disable",
     "enable",
     "interpolate_mag_ratios",

@@ -1,10 +1,10 @@
-"""``enable``, ``disable``, ``context``, ``reset``, ``stats``: the cache functions, model first."""
+"""``enable``, ``disable``, ``active``, ``context``, ``reset``, ``stats``: the cache functions, model first."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final
+from typing import Final, cast
 
 import torch
 from torch import nn
@@ -24,17 +24,14 @@ from diffcaps.cache._pyramid import plan_pyramid_attention_broadcast
 from diffcaps.cache._service import CacheSupport
 from diffcaps.cache._session import CacheSession
 from diffcaps.cache._stats import CacheStats
-from diffcaps.cache._targets import Placement
+from diffcaps.cache._targets import HookPlacement
 from diffcaps.cache._taylorseer import plan_taylorseer_cache
 from diffcaps.errors import CacheError
 from diffcaps.hooks import add_hook, remove_hook
+from diffcaps.protocols import SupportsCache, require
+from diffcaps.slots import InstanceSlot
 
-if TYPE_CHECKING:
-    from diffcaps.protocols import SupportsCache
-
-__all__ = ["calibrated_mag_ratios", "context", "current", "disable", "enable", "reset", "stats"]
-
-_SESSION: Final = "_diffcaps_cache"
+__all__ = ["active", "calibrated_mag_ratios", "context", "disable", "enable", "reset", "stats"]
 
 _CONFIG_TYPES: Final = (FirstBlockCacheConfig, FasterCacheConfig, PyramidAttentionBroadcastConfig,
                         TaylorSeerCacheConfig, MagCacheConfig)
@@ -42,7 +39,7 @@ _CONFIG_TYPES: Final = (FirstBlockCacheConfig, FasterCacheConfig, PyramidAttenti
 _NEED_CONTEXT: Final = (FirstBlockCacheConfig, TaylorSeerCacheConfig)
 
 
-def _plan(model: nn.Module, support: CacheSupport, config: CacheConfig, session: CacheSession) -> list[Placement]:
+def _plan(model: nn.Module, support: CacheSupport, config: CacheConfig, session: CacheSession) -> list[HookPlacement]:
     if isinstance(config, FirstBlockCacheConfig):
         return plan_first_block_cache(model, support, config, session)
     if isinstance(config, MagCacheConfig):
@@ -54,37 +51,7 @@ def _plan(model: nn.Module, support: CacheSupport, config: CacheConfig, session:
     return plan_taylorseer_cache(model, support, config, session)
 
 
-def _unwrap(model: object) -> object:
-    # ``torch.compile(model)`` returns a wrapper; the cache lives on the model inside it
-    if type(model).__name__ == "OptimizedModule" and isinstance(model, nn.Module) and "_orig_mod" in model._modules:
-        return model._modules["_orig_mod"]
-    return model
-
-
-def _require(model: object) -> CacheSupport:
-    from diffcaps.protocols import require
-
-    _, support = require(model, "cache")  # type: ignore[call-overload]
-    assert isinstance(support, CacheSupport)
-    return support
-
-
-def _module(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise CacheError(f"caches act on torch modules; got a {type(model).__name__}")
-    return model
-
-
-def _session(model: object) -> CacheSession | None:
-    session: CacheSession | None = getattr(_unwrap(model), "__dict__", {}).get(_SESSION)
-    return session
-
-
-def _enabled(model: object) -> CacheSession:
-    session = _session(model)
-    if session is None:
-        raise CacheError(f"no cache is enabled on this {type(model).__name__}; call diffcaps.cache.enable first")
-    return session
+_SLOT: Final = InstanceSlot("cache", CacheSession)
 
 
 def enable(model: SupportsCache, config: CacheConfig) -> None:
@@ -94,14 +61,14 @@ def enable(model: SupportsCache, config: CacheConfig) -> None:
     leaves the model untouched. Every function here also takes the ``torch.compile`` wrapper
     of a model and acts on the model inside it.
     """
-    support = _require(model)
-    module = _module(_unwrap(model))
-    existing = _session(module)
+    module, support = require(model, "cache")
+    existing = _SLOT.get(module)
     if existing is not None:
         raise CacheError(f"{type(module).__name__} already has {type(existing.config).__name__} enabled; "
                          "call diffcaps.cache.disable(model) before enabling another cache")
-    if not isinstance(config, _CONFIG_TYPES):
-        raise CacheError(f"{type(config).__name__} is not a cache config; use one of "
+    given = cast(object, config)
+    if not isinstance(given, _CONFIG_TYPES):
+        raise CacheError(f"{type(given).__name__} is not a cache config; use one of "
                          f"{', '.join(t.__name__ for t in _CONFIG_TYPES)}")
     if config.kind not in support.kinds():
         raise CacheError(f"{type(module).__name__} does not support {config.kind} (its CacheSupport allows "
@@ -115,7 +82,7 @@ def enable(model: SupportsCache, config: CacheConfig) -> None:
     except BaseException:
         _remove(session)
         raise
-    module.__dict__[_SESSION] = session
+    _SLOT.set(module, session)
 
 
 def _remove(session: CacheSession) -> None:
@@ -124,28 +91,36 @@ def _remove(session: CacheSession) -> None:
         remove_hook(target, name)
 
 
-def disable(model: SupportsCache) -> CacheConfig | None:
-    """Remove the cache and all its state; returns its config (``None`` if none was enabled).
+def disable(model: SupportsCache) -> None:
+    """Remove the cache and all its state (nothing happens if no cache is on).
 
     Afterwards every forward is the model's own again, so outputs equal an uncached model's.
     """
-    module = _module(_unwrap(model))
-    session = _session(module)
-    if session is None:
-        return None
-    _remove(session)
-    del module.__dict__[_SESSION]
-    return session.config
+    module, _ = require(model, "cache")
+    session = _SLOT.clear(module)
+    if session is not None:
+        _remove(session)
 
 
-def current(model: SupportsCache) -> CacheConfig | None:
+def active(model: SupportsCache) -> CacheConfig | None:
     """The config of the enabled cache, or ``None``."""
+    return None if (session := _session(model)) is None else session.config
+
+
+def _session(model: SupportsCache) -> CacheSession | None:
+    module, _ = require(model, "cache")
+    return _SLOT.get(module)
+
+
+def _enabled(model: SupportsCache) -> CacheSession:
     session = _session(model)
-    return None if session is None else session.config
+    if session is None:
+        raise CacheError(f"no cache is enabled on this {type(model).__name__}; call diffcaps.cache.enable first")
+    return session
 
 
 @contextmanager
-def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor | None = None) -> Iterator[None]:
+def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor | None = None) -> Generator[None]:
     """Run the model as denoising pass ``name`` ("cond", "uncond", …): each name keeps its own cache state.
 
     ``timestep`` is the step's timestep on the scale of the config's timestep ranges (diffusers
@@ -153,7 +128,6 @@ def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor |
     the config has a ``current_timestep_callback``. With no cache enabled this does nothing,
     so a denoising loop can always wrap its calls.
     """
-    _require(model)
     session = _session(model)
     if session is None:
         yield
@@ -184,10 +158,23 @@ def stats(model: SupportsCache) -> CacheStats:
     return session.stats()
 
 
-def calibrated_mag_ratios(model: SupportsCache) -> dict[str, tuple[float, ...]]:
-    """The ratios a ``MagCacheConfig(calibrate=True)`` run measured, per context (complete runs only)."""
+def calibrated_mag_ratios(model: SupportsCache, context: str | None = None) -> tuple[float, ...]:
+    """The ratios a ``MagCacheConfig(calibrate=True)`` run measured: ``mag_ratios`` for the next config.
+
+    ``context`` names the denoising pass ("cond", …) whose complete run to return; it may be
+    left out when one pass was calibrated (calls outside ``cache.context`` are ``"default"``).
+    """
     session = _enabled(model)
     if not (isinstance(session.config, MagCacheConfig) and session.config.calibrate):
         raise CacheError(f"calibrated_mag_ratios needs MagCacheConfig(calibrate=True) enabled, "
                          f"not {type(session.config).__name__}")
-    return dict(session.calibrations)
+    found = session.calibrations
+    names = ", ".join(map(repr, found)) or "none"
+    if context is None:
+        if len(found) != 1:
+            raise CacheError(f"calibrated contexts: {names}; pass context= to pick one" if found else
+                             f"no complete calibration run yet ({session.config.num_inference_steps} steps)")
+        return next(iter(found.values()))
+    if context not in found:
+        raise CacheError(f"no complete calibration run in context {context!r} (calibrated: {names})")
+    return found[context]

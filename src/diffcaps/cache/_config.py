@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
-from typing import ClassVar, Final, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, Final, TypeAlias, cast
 
 import attrs
 import torch
@@ -50,9 +50,14 @@ def _require(condition: bool, config: str, message: str) -> None:
 
 
 def _strings(value: Sequence[str] | str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
+    given = cast(object, value)
+    if isinstance(given, str):
+        return (given,)
+    items: tuple[object, ...] = tuple(cast(Sequence[object], given)) if isinstance(given, Sequence) else (given,)
+    bad = [item for item in items if not isinstance(item, str)]
+    if bad:
+        raise CacheError(f"expected a string or a list of strings (regular expressions), got {bad[0]!r}")
+    return cast(tuple[str, ...], items)
 
 
 def _optional_strings(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -60,10 +65,11 @@ def _optional_strings(value: Sequence[str] | str | None) -> tuple[str, ...] | No
 
 
 def _pair(value: Sequence[float]) -> tuple[float, float]:
-    items = tuple(value)
-    if len(items) != 2:
-        raise CacheError(f"a timestep range is (low, high), got {value!r}")
-    return (items[0], items[1])
+    given = cast(object, value)
+    items: tuple[object, ...] = tuple(cast(Sequence[object], given)) if isinstance(given, Sequence) else ()
+    if len(items) != 2 or not all(isinstance(i, int | float) and not isinstance(i, bool) for i in items):
+        raise CacheError(f"a timestep range is (low, high), two numbers, got {value!r}")
+    return (float(cast(float, items[0])), float(cast(float, items[1])))
 
 
 def _check_patterns(config: str, field: str, patterns: tuple[str, ...] | None) -> None:
@@ -79,7 +85,27 @@ def _check_range(config: str, field: str, value: tuple[float, float]) -> None:
 
 
 def _check_skip(config: str, field: str, value: int | None) -> None:
+    _check_int(config, field, value, optional=True)
     _require(value is None or value >= 1, config, f"{field} must be at least 1 (or None), got {value!r}")
+
+
+def _check_number(config: str, field: str, value: float) -> None:
+    given = cast(object, value)
+    _require(isinstance(given, int | float) and not isinstance(given, bool), config,
+             f"{field} must be a number, got {type(given).__name__} {given!r}")
+
+
+def _check_int(config: str, field: str, value: int | None, *, optional: bool = False) -> None:
+    given = cast(object, value)
+    if given is None and optional:
+        return
+    _require(isinstance(given, int) and not isinstance(given, bool), config,
+             f"{field} must be an integer{' (or None)' if optional else ''}, got {type(given).__name__} {given!r}")
+
+
+def _check_flag(config: str, field: str, value: bool) -> None:
+    given = cast(object, value)
+    _require(isinstance(given, bool), config, f"{field} must be True or False, got {given!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -96,6 +122,7 @@ class FirstBlockCacheConfig:
     threshold: float = 0.05
 
     def __attrs_post_init__(self) -> None:
+        _check_number(type(self).__name__, "threshold", self.threshold)
         _require(math.isfinite(self.threshold) and self.threshold >= 0, type(self).__name__,
                  f"threshold must be a finite number >= 0, got {self.threshold!r}")
 
@@ -182,6 +209,7 @@ class FasterCacheConfig:
         _check_skip(name, "spatial_attention_block_skip_range", self.spatial_attention_block_skip_range)
         _check_skip(name, "temporal_attention_block_skip_range", self.temporal_attention_block_skip_range)
         _check_skip(name, "unconditional_batch_skip_range", self.unconditional_batch_skip_range)
+        _check_flag(name, "is_guidance_distilled", self.is_guidance_distilled)
         for field in ("spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
                       "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
                       "unconditional_batch_timestep_skip_range"):
@@ -192,6 +220,7 @@ class FasterCacheConfig:
                  f"tensor_format must be one of {FASTER_TENSOR_FORMATS}, got {self.tensor_format!r}")
         for field in ("alpha_low_frequency", "alpha_high_frequency"):
             value = getattr(self, field)
+            _check_number(name, field, value)
             _require(math.isfinite(value), name, f"{field} must be finite, got {value!r}")
 
 
@@ -221,25 +250,37 @@ class TaylorSeerCacheConfig:
 
     def __attrs_post_init__(self) -> None:
         name = type(self).__name__
+        for field in ("cache_interval", "disable_cache_before_step", "max_order"):
+            _check_int(name, field, getattr(self, field))
+        _check_int(name, "disable_cache_after_step", self.disable_cache_after_step, optional=True)
+        _check_flag(name, "use_lite_mode", self.use_lite_mode)
         _require(self.cache_interval >= 1, name, f"cache_interval must be at least 1, got {self.cache_interval!r}")
         _require(self.disable_cache_before_step >= 0, name,
                  f"disable_cache_before_step must be >= 0, got {self.disable_cache_before_step!r}")
         _require(self.disable_cache_after_step is None or self.disable_cache_after_step >= 0, name,
                  f"disable_cache_after_step must be >= 0 (or None), got {self.disable_cache_after_step!r}")
         _require(self.max_order >= 0, name, f"max_order must be >= 0, got {self.max_order!r}")
-        _require(self.taylor_factors_dtype is None or self.taylor_factors_dtype.is_floating_point, name,
+        dtype = cast(object, self.taylor_factors_dtype)
+        _require(dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point), name,
                  f"taylor_factors_dtype must be a floating dtype (or None), got {self.taylor_factors_dtype!r}")
         _check_patterns(name, "skip_predict_identifiers", self.skip_predict_identifiers)
         _check_patterns(name, "cache_identifiers", self.cache_identifiers)
 
 
 def _ratios(value: Sequence[float] | torch.Tensor | None) -> tuple[float, ...] | None:
-    if value is None:
+    given = cast(object, value)
+    if given is None:
         return None
-    if isinstance(value, torch.Tensor):
-        values: list[float] = value.detach().flatten().tolist()
-        return tuple(float(v) for v in values)
-    return tuple(float(v) for v in value)
+    if isinstance(given, torch.Tensor):
+        return tuple(float(v) for v in given.detach().flatten().double().unbind())
+    if isinstance(given, Mapping):
+        raise CacheError("mag_ratios takes one ratio per step, not a mapping by context: pass "
+                         "calibrated_mag_ratios(model, context=...) for the pass you calibrated")
+    items: tuple[object, ...] = tuple(cast(Sequence[object], given)) if isinstance(given, Sequence) else (given,)
+    bad = [item for item in items if isinstance(item, bool) or not isinstance(item, int | float)]
+    if bad or isinstance(given, str):
+        raise CacheError(f"mag_ratios must be a sequence of numbers (or a tensor), got {bad[0] if bad else given!r}")
+    return tuple(float(cast(float, item)) for item in items)
 
 
 @attrs.frozen(kw_only=True)
@@ -265,6 +306,11 @@ class MagCacheConfig:
 
     def __attrs_post_init__(self) -> None:
         name = type(self).__name__
+        _check_number(name, "threshold", self.threshold)
+        _check_number(name, "retention_ratio", self.retention_ratio)
+        _check_int(name, "max_skip_steps", self.max_skip_steps)
+        _check_int(name, "num_inference_steps", self.num_inference_steps)
+        _check_flag(name, "calibrate", self.calibrate)
         _require(math.isfinite(self.threshold) and self.threshold >= 0, name,
                  f"threshold must be a finite number >= 0, got {self.threshold!r}")
         _require(self.max_skip_steps >= 0, name, f"max_skip_steps must be >= 0, got {self.max_skip_steps!r}")
@@ -276,7 +322,7 @@ class MagCacheConfig:
             return
         _require(self.mag_ratios is not None, name,
                  "mag_ratios is required (they depend on the model): run once with calibrate=True and pass "
-                 "the ratios from diffcaps.cache.calibrated_mag_ratios(model)")
+                 "diffcaps.cache.calibrated_mag_ratios(model)")
         assert self.mag_ratios is not None
         _require(len(self.mag_ratios) == self.num_inference_steps, name,
                  f"mag_ratios has {len(self.mag_ratios)} entries but num_inference_steps is "

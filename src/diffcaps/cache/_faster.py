@@ -26,7 +26,7 @@ from diffcaps.cache._config import (
 )
 from diffcaps.cache._pyramid import check_identifiers
 from diffcaps.cache._session import CacheSession, Clock
-from diffcaps.cache._targets import Placement, attention_modules, batch_size, group_of
+from diffcaps.cache._targets import HookPlacement, attention_modules, batch_size, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, Forward, Hook, eager
@@ -247,7 +247,7 @@ class _Denoiser(Hook):
 
 
 def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCacheConfig,
-                      session: CacheSession) -> list[Placement]:
+                      session: CacheSession) -> list[HookPlacement]:
     """Attention hooks for the selected modules, and (unless guidance-distilled) one on the model."""
     name = type(config).__name__
     candidates = [(n, m) for n, m, cross in attention_modules(model, support) if not cross]
@@ -264,7 +264,7 @@ def plan_faster_cache(model: nn.Module, support: CacheSupport, config: FasterCac
         (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
          config.temporal_attention_timestep_skip_range),
     )
-    placements: list[Placement] = []
+    placements: list[HookPlacement] = []
     for module_name, module in candidates:
         for identifiers, skip_range, timestep_range in kinds:
             if skip_range is None or not any(re.search(i, module_name) for i in identifiers):

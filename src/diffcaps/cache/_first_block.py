@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from diffcaps.cache._config import FirstBlockCacheConfig
 from diffcaps.cache._session import CacheSession
-from diffcaps.cache._targets import BlockIO, Placement, block_lists
+from diffcaps.cache._targets import BlockIO, HookPlacement, block_lists
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, Forward, Hook, eager, sum_over_shards, summing_over_shards
@@ -107,7 +107,7 @@ class _Rest(Hook):
 
 
 def plan_first_block_cache(model: nn.Module, support: CacheSupport, config: FirstBlockCacheConfig,
-                           session: CacheSession) -> list[Placement]:
+                           session: CacheSession) -> list[HookPlacement]:
     """The hooks First Block Cache needs: a head on the first block, followers on all others."""
     lists = block_lists(model, support)
     blocks = [(found.declared, block) for found in lists for block in found.blocks]
@@ -118,7 +118,7 @@ def plan_first_block_cache(model: nn.Module, support: CacheSupport, config: Firs
     state = ContextualState(_State, session.context)
     session.track(groups, state)
     (head_declared, head), *rest = blocks
-    placements: list[Placement] = [(head, HOOK_NAME, _Head(state, BlockIO(head_declared, head), config.threshold))]
+    placements: list[HookPlacement] = [(head, HOOK_NAME, _Head(state, BlockIO(head_declared, head), config.threshold))]
     for index, (declared, block) in enumerate(rest):
         placements.append((block, HOOK_NAME, _Rest(state, BlockIO(declared, block), tail=index == len(rest) - 1)))
     return placements

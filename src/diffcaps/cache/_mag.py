@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from diffcaps.cache._config import MagCacheConfig
 from diffcaps.cache._session import CacheSession
-from diffcaps.cache._targets import BlockIO, Placement, block_lists
+from diffcaps.cache._targets import BlockIO, HookPlacement, block_lists
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, Forward, Hook, eager, StateContext
@@ -164,7 +164,7 @@ class _MagBlock(Hook):
 
 
 def plan_mag_cache(model: nn.Module, support: CacheSupport, config: MagCacheConfig,
-                   session: CacheSession) -> list[Placement]:
+                   session: CacheSession) -> list[HookPlacement]:
     """The hooks MagCache needs: the first block decides, the last records, the others follow."""
     lists = block_lists(model, support)
     blocks = [(found.declared, block) for found in lists for block in found.blocks]

@@ -17,7 +17,7 @@ from diffcaps.cache._config import (
     PyramidAttentionBroadcastConfig,
 )
 from diffcaps.cache._session import CacheSession, Clock
-from diffcaps.cache._targets import Placement, attention_modules, group_of
+from diffcaps.cache._targets import HookPlacement, attention_modules, group_of
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, Forward, Hook, eager
@@ -81,7 +81,7 @@ def check_identifiers(config_name: str, field: str, identifiers: Sequence[str], 
 
 
 def plan_pyramid_attention_broadcast(model: nn.Module, support: CacheSupport, config: PyramidAttentionBroadcastConfig,
-                                     session: CacheSession) -> list[Placement]:
+                                     session: CacheSession) -> list[HookPlacement]:
     """One broadcast hook per attention module that the config's identifiers select."""
     if (config.spatial_attention_block_skip_range is None and config.temporal_attention_block_skip_range is None
             and config.cross_attention_block_skip_range is None):
@@ -102,7 +102,7 @@ def plan_pyramid_attention_broadcast(model: nn.Module, support: CacheSupport, co
     for kind, identifiers, defaults, _, skip_range, _ in kinds:
         if skip_range is not None:
             check_identifiers(name, f"{kind}_attention_block_identifiers", identifiers, defaults, names)
-    placements: list[Placement] = []
+    placements: list[HookPlacement] = []
     for module_name, module, is_cross in candidates:
         for _, identifiers, _, cross, skip_range, timestep_range in kinds:
             if skip_range is None or cross != is_cross:

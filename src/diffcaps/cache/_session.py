@@ -7,7 +7,7 @@ from typing import Final, NoReturn, TypeVar, final
 
 from diffcaps.cache._config import CacheConfig
 from diffcaps.cache._stats import CacheStats, Decisions, snapshot
-from diffcaps.cache._targets import Placement
+from diffcaps.cache._targets import HookPlacement
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, StateContext
 
@@ -63,7 +63,7 @@ class CacheSession:
                                     hint=f"{type(config).__name__} keeps state per denoising pass; {CONTEXT_HINT}")
         self.tracked: list[tuple[tuple[str, ...], ContextualState[Decisions]]] = []
         self.clock = Clock(type(config).__name__, getattr(config, "current_timestep_callback", None))
-        self.placements: list[Placement] = []
+        self.placements: list[HookPlacement] = []
         self.calibrations: dict[str, tuple[float, ...]] = {}
 
     def track(self, groups: tuple[str, ...], state: ContextualState[D]) -> ContextualState[D]:

@@ -15,9 +15,9 @@ from diffcaps.cache._stats import MODEL_GROUP
 from diffcaps.errors import CacheError
 from diffcaps.hooks import Hook
 
-__all__ = ["BlockIO", "Placement", "ResolvedList", "attention_modules", "batch_size", "block_lists", "group_of", "submodule"]
+__all__ = ["BlockIO", "HookPlacement", "ResolvedList", "attention_modules", "batch_size", "block_lists", "group_of", "submodule"]
 
-Placement: TypeAlias = tuple[nn.Module, str, Hook]
+HookPlacement: TypeAlias = tuple[nn.Module, str, Hook]
 """A hook to add: the module, the hook name, the hook."""
 
 _POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffcaps.cache._config import TaylorSeerCacheConfig
 from diffcaps.cache._session import CacheSession
-from diffcaps.cache._targets import Placement, attention_modules, block_lists, group_of, submodule
+from diffcaps.cache._targets import HookPlacement, attention_modules, block_lists, group_of, submodule
 from diffcaps.cache._service import CacheSupport
 from diffcaps.errors import CacheError
 from diffcaps.hooks import ContextualState, Forward, Hook, eager
@@ -139,12 +139,12 @@ def _targets(model: nn.Module, support: CacheSupport,
 
 
 def plan_taylorseer_cache(model: nn.Module, support: CacheSupport, config: TaylorSeerCacheConfig,
-                          session: CacheSession) -> list[Placement]:
+                          session: CacheSession) -> list[HookPlacement]:
     """One TaylorSeer hook per selected module: skipped ones return zeros, the others are predicted."""
     skipped, predicted = _targets(model, support, config)
     if not predicted and not skipped:
         raise CacheError(f"TaylorSeerCacheConfig selects no module of {type(model).__name__}")
-    placements: list[Placement] = []
+    placements: list[HookPlacement] = []
     for modules, skip in ((skipped, True), (predicted, False)):
         for name, module in modules:
             state = session.track((group_of(support, name),), ContextualState(_State, session.context))

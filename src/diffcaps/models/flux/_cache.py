@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 from diffcaps.services import ModuleTypes
-from diffcaps.cache import BlockList, CacheSupport
+from diffcaps.cache.spec import BlockList, CacheSupport
 from diffcaps.models.flux._attention import FluxAttention
 
 __all__ = ["FLUX_CACHE", "FLUX_MAG_RATIOS"]

@@ -11,7 +11,7 @@ from typing import Final
 
 from diffcaps.services import ModuleTypes
 from diffcaps.models.flux._attention import KERNEL, FluxAttention
-from diffcaps.parallel import ContextParallelPlan, GatherOutput, SplitInput
+from diffcaps.parallel.spec import ContextParallelPlan, GatherOutput, SplitInput
 
 __all__ = ["FLUX_CONTEXT_PARALLEL"]
 
