@@ -102,12 +102,17 @@ def _method_failing(function: Callable[..., Any], n: int) -> Callable[..., Any]:
     return method
 
 
+def _fail_in(monkeypatch: pytest.MonkeyPatch, function: str, n: int) -> None:
+    # a fault injected into one step of the load path (private by design: it is what is tested)
+    monkeypatch.setattr(_load, function, _FailOn(getattr(_load, function), n))
+
+
 def _fail_in_patching(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_load, "_patch", _FailOn(_load._patch, 3))
+    _fail_in(monkeypatch, "_patch", 3)
 
 
 def _fail_after_peft_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_load, "_activate", _FailOn(_load._activate, 1))
+    _fail_in(monkeypatch, "_activate", 1)
 
 
 # (make the file, what to expect, text the message must contain, optional fault to inject)

@@ -129,8 +129,26 @@ def test_text_encoder_only_file_is_reported_not_loaded(tmp_path: Path) -> None:
     model = seeded_model(TINY)
     file = LoraFile(tensors={})
     text_encoder_keys(file, "lora_te1_")
-    with pytest.raises(FormatError, match="no tensor adapts the model"):
+    with pytest.raises(FormatError, match="no tensor adapts FluxTransformer2DModel") as caught:
         lora.load_adapter(model, file.save(tmp_path / "te.safetensors"))
+    # the error says why each tensor was skipped: one line per reason, a few keys each
+    message = str(caught.value)
+    assert "text-encoder tensor: diffcaps adapts the transformer only: lora_te1_" in message
+    assert f"the {len(file.skipped)} tensor(s) were skipped" in message
+
+
+def test_nothing_adapted_lists_each_reason(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    file = LoraFile(tensors={})
+    text_encoder_keys(file, "lora_te1_")
+    file.tensors["transformer.transformer_blocks.9.attn.to_q.lora_A.weight"] = torch.zeros(2, 4)
+    file.tensors["transformer.transformer_blocks.9.attn.to_q.lora_B.weight"] = torch.zeros(4, 2)
+    with pytest.raises(FormatError) as caught:
+        lora.load_adapter(model, file.save(tmp_path / "mixed.safetensors"), strict=False)
+    message = str(caught.value)
+    assert "text-encoder tensor" in message
+    assert "'transformer.transformer_blocks.9.attn.to_q' names no module of the model: " \
+           "transformer.transformer_blocks.9.attn.to_q.lora_A.weight" in message
 
 
 def test_header_metadata_sets_alpha_per_module(tmp_path: Path) -> None:

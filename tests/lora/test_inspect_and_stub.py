@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from diffcaps import lora
 from diffcaps.cli import main
+from diffcaps.models.flux import FluxTransformer2DModel
 from tests.flux_fixtures import TINY, seeded_model
 from tests.lora._files import LoraFile, kohya_style, text_encoder_keys, xlabs_file
 
@@ -27,19 +27,29 @@ def test_inspect_reports_lora_format(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "text encoder   3 tensor(s), skipped when loading" in out
 
 
+def _detected(keys: list[str]) -> str | None:
+    found = FluxTransformer2DModel.declared_capabilities().lora.detect(keys)
+    return found.name if found is not None else None
+
+
 def test_detect_format_from_names() -> None:
     model = seeded_model(TINY)
-    assert lora.detect_format(list(xlabs_file(model, seed=2, doubles=[0], singles=[]).tensors)) == "xlabs"
-    assert lora.detect_format(["transformer.proj_out.lora_A.weight"]) == "diffusers"
-    assert lora.detect_format(["unrelated.weight"]) is None
+    assert _detected(list(xlabs_file(model, seed=2, doubles=[0], singles=[]).tensors)) == "xlabs"
+    assert _detected(["transformer.proj_out.lora_A.weight"]) == "diffusers"
+    assert _detected(["unrelated.weight"]) is None
 
 
-def test_inspect_unrecognised_file_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recogniser_says_why_a_lora_file_fits_no_format(tmp_path: Path) -> None:
     import torch
 
-    path = LoraFile(tensors={"encoder.weight": torch.zeros(2)}).save(tmp_path / "x.safetensors")
-    assert main(["inspect", str(path)]) == 0
-    assert "in none of the formats" in capsys.readouterr().out
+    from diffcaps.io import read_header
+    from diffcaps.lora import lora_recogniser
+
+    tensors = {"encoder.lora_down.weight": torch.zeros(2, 4), "encoder.lora_up.weight": torch.zeros(4, 2)}
+    path = LoraFile(tensors=tensors).save(tmp_path / "x.safetensors")
+    found = lora_recogniser([FluxTransformer2DModel])(read_header(path))
+    assert not found.matched
+    assert "in none of the formats xlabs, lycoris, kohya" in dict(found.rows)["lora"]
 
 
 def _stubbed() -> dict[str, ast.FunctionDef | ast.ClassDef]:
@@ -67,9 +77,7 @@ def test_peft_stub_matches_installed_peft() -> None:
 
 
 def test_metadata_row_lists_the_formats() -> None:
-    from diffcaps.models.flux import FluxTransformer2DModel
-
     row = FluxTransformer2DModel.metadata()["lora"]
     assert row.entries == ("xlabs", "lycoris", "kohya", "onetrainer", "fal-kontext", "bfl-control", "comfyui",
                            "diffusers")
-    assert FluxTransformer2DModel.capabilities.lora.entries() == row.entries
+    assert FluxTransformer2DModel.declared_capabilities().lora.entries() == row.entries

@@ -218,5 +218,5 @@ def test_save_control_lora_keeps_norms_and_width(tmp_path: Path) -> None:
     torch.testing.assert_close(_output(fresh, channels), _output(model, channels), atol=1e-5, rtol=0)
     with pytest.raises(LoRAError, match="replaced parameters"):
         lora.save_adapter(model, tmp_path / "k.safetensors", "c", layout="kohya")
-    with pytest.raises(LoRAError, match="unknown layout"):
+    with pytest.raises(LoRAError, match="cannot write the 'xlabs' layout; it writes diffusers, kohya"):
         lora.save_adapter(model, tmp_path / "x.safetensors", "c", layout="xlabs")

@@ -16,10 +16,9 @@ from torch import Tensor, nn
 
 from diffcaps.errors import LoRAError
 from diffcaps.lora import _peft
-from diffcaps.lora._report import LoadReport
-from diffcaps.lora._service import Conversion, LoRAService, LoRAWeights
-from diffcaps.lora._state import STATE_ATTR, LoRAState, get_state
-from diffcaps.lora._weights import weight_for
+from diffcaps.lora._adapters import LoRAWeights
+from diffcaps.lora._formats import ConvertedAdapter
+from diffcaps.lora._state import SLOT, LoadReport, LoRAState, weight_for
 from diffcaps.protocols import SupportsLoRA, require
 
 __all__ = ["enable_hotswap", "hotswap_adapter"]
@@ -31,18 +30,17 @@ def enable_hotswap(model: SupportsLoRA, *, max_rank: int) -> None:
     Call it before the first ``load_adapter`` (and before compiling); later files of rank up
     to ``max_rank`` can then replace an adapter with ``load_adapter(..., hotswap=True)``.
     """
-    model, _ = require(model, "lora")
+    module, _ = require(model, "lora")
     if max_rank < 1:
         raise LoRAError(f"max_rank must be positive, got {max_rank}")
-    state = get_state(model)
+    state = SLOT.get(module)
     if state is not None and state.adapters:
         raise LoRAError("enable_hotswap must be called before the first adapter is loaded "
                         f"(loaded: {', '.join(state.adapters)})")
-    model.__dict__[STATE_ATTR] = attrs.evolve(state, hotswap_rank=max_rank) if state else LoRAState(
-        hotswap_rank=max_rank)
+    SLOT.set(module, attrs.evolve(state, hotswap_rank=max_rank) if state else LoRAState(hotswap_rank=max_rank))
 
 
-def _check(module: nn.Module, state: LoRAState, name: str, conversion: Conversion, label: str) -> None:
+def _check(module: nn.Module, state: LoRAState, name: str, conversion: ConvertedAdapter, label: str) -> None:
     record = state.adapters[name]
     if conversion.patches or record.patches or record.widenings:
         raise LoRAError(f"{label}: hotswapping replaces adapter layers only; this adapter or file also "
@@ -67,7 +65,7 @@ def _check(module: nn.Module, state: LoRAState, name: str, conversion: Conversio
             raise LoRAError(f"{label}: {path} gains a bias adapter {name!r} was loaded without")
 
 
-def hotswap_adapter(module: nn.Module, state: LoRAState, name: str, conversion: Conversion,
+def hotswap_adapter(module: nn.Module, state: LoRAState, name: str, conversion: ConvertedAdapter,
                     fmt: str, label: str) -> LoadReport:
     """Copy ``conversion``'s weights into adapter ``name``'s existing tensors (all checks first)."""
     _check(module, state, name, conversion, label)

@@ -6,9 +6,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from diffcaps.lora._convert import TEXT_ENCODER_PREFIXES
-from diffcaps.lora._tensors import ADAPTER_METADATA_KEY
-from diffcaps.lora._service import LoRAService
+from diffcaps.lora._adapters import ADAPTER_METADATA_KEY
+from diffcaps.lora._formats import TEXT_ENCODER_PREFIXES, LoRAService
 
 __all__ = ["lora_recogniser"]
 
@@ -29,6 +28,11 @@ def _kind(keys: Iterable[str]) -> str:
     return counts.most_common(1)[0][0]
 
 
+def _declared(cls: type[Any]) -> object:
+    declared = getattr(cls, "declared_capabilities", None)
+    return declared() if callable(declared) else None
+
+
 def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
     """A ``diffcaps.weights`` recogniser for LoRA files of any of these classes' declared formats.
 
@@ -36,7 +40,7 @@ def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
     and how many tensors are for text encoders (which diffcaps reports and skips).
     """
     services = [(cls, service) for cls in model_classes
-                if isinstance(service := getattr(getattr(cls, "capabilities", None), "lora", None), LoRAService)]
+                if isinstance(service := getattr(_declared(cls), "lora", None), LoRAService)]
 
     def recognise(header: Any) -> Any:
         from diffcaps.weights import Recognition

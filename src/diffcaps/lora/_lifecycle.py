@@ -9,31 +9,38 @@ model config, then puts each base layer back where its peft layer was.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from torch import nn
+from typing_extensions import deprecated
 
 from diffcaps.errors import LoRAError
+from diffcaps.io import save_safetensors
 from diffcaps.lora import _peft
-from diffcaps.lora._service import LoRAService
-from diffcaps.lora._state import STATE_ATTR, LoRAState, get_state
-from diffcaps.lora._weights import check_prefixes, weight_for
+from diffcaps.lora._state import SLOT, LoRAState, Widening, check_prefixes, weight_for
 from diffcaps.protocols import SupportsLoRA, require
 
 __all__ = [
     "AdapterWeight",
+    "SaveLayout",
     "active_adapters",
     "delete_adapters",
     "disable",
     "enable",
     "fuse",
     "list_adapters",
+    "save_adapter",
     "set_adapters",
     "unfuse",
     "unload",
 ]
+
+SaveLayout = Literal["diffusers", "kohya"]
+"""The layouts ``save_adapter`` writes (a model declares which of them it has names for)."""
 
 AdapterWeight = float | Mapping[str, float]
 """A weight for a whole adapter, or weights by exact module-path prefix (longest prefix wins, else 1)."""
@@ -46,7 +53,7 @@ def _module(model: SupportsLoRA) -> nn.Module:
 
 def _state(model: SupportsLoRA) -> tuple[nn.Module, LoRAState]:
     module = _module(model)
-    state = get_state(module)
+    state = SLOT.get(module)
     if state is None or not state.adapters:
         raise LoRAError(f"{type(module).__name__} has no LoRA adapter loaded")
     return module, state
@@ -68,16 +75,29 @@ def _not_fused(state: LoRAState, doing: str) -> None:
 
 def list_adapters(model: SupportsLoRA) -> tuple[str, ...]:
     """The names of the loaded adapters, in load order."""
-    state = get_state(_module(model))
+    state = SLOT.get(_module(model))
     return tuple(state.adapters) if state is not None else ()
 
 
 def active_adapters(model: SupportsLoRA) -> tuple[str, ...]:
     """The adapters that currently act on the output (none while adapters are disabled)."""
-    state = get_state(_module(model))
+    state = SLOT.get(_module(model))
     if state is None or not state.enabled:
         return ()
     return tuple(state.active)
+
+
+@overload
+@deprecated("adapter weights are numbers: True/False is not a weight (use 1.0/0.0, or lora.enable/disable)")
+def set_adapters(model: SupportsLoRA, names: str | Sequence[str], weights: bool | Sequence[bool]) -> NoReturn: ...
+
+
+@overload
+def set_adapters(
+    model: SupportsLoRA,
+    names: str | Sequence[str],
+    weights: AdapterWeight | Sequence[AdapterWeight | None] | None = None,
+) -> None: ...
 
 
 def set_adapters(
@@ -90,11 +110,13 @@ def set_adapters(
     A weight is a number or a mapping from exact module-path prefixes to numbers:
     ``{"transformer_blocks.1": 0.5}`` scales ``transformer_blocks.1.*`` only (not
     ``transformer_blocks.10`` nor ``single_transformer_blocks.1``); the longest matching prefix
-    wins and unmatched modules keep weight 1. A prefix that names no module is an error.
+    wins and unmatched modules keep weight 1. A prefix that names no module is an error, and
+    so is a bool (``True`` is not a weight; type checkers reject it too).
     """
     module, state = _state(model)
     chosen = _names(state, names)
     _not_fused(state, "change adapter weights")
+    _no_bools(weights)
     if weights is None or isinstance(weights, (int, float, Mapping)):
         per_adapter: list[AdapterWeight | None] = [weights] * len(chosen)
     else:
@@ -116,6 +138,15 @@ def set_adapters(
             _peft.layer_at(module, path).enable_adapters(False)
     state.active = list(chosen)
     state.weights.update(resolved)
+
+
+def _no_bools(weights: object) -> None:
+    values = weights if isinstance(weights, (list, tuple)) else [weights]
+    for value in values:
+        inner = value.values() if isinstance(value, Mapping) else [value]
+        if any(isinstance(v, bool) for v in inner):
+            raise LoRAError(f"adapter weights are numbers, got {weights!r}: True/False is not a weight "
+                            "(use 1.0/0.0, or lora.enable/lora.disable)")
 
 
 def _enable(model: SupportsLoRA, enabled: bool) -> None:
@@ -185,26 +216,26 @@ def _fuse_layer(module: nn.Module, state: LoRAState, path: str, names: list[str]
             update.add_rows(block, start, scale)
         fused[start:start + rows].copy_(block)
     state.fused.setdefault(path, (weight, bias))
-    base._parameters["weight"] = nn.Parameter(fused, requires_grad=weight.requires_grad)
+    base.weight = nn.Parameter(fused, requires_grad=weight.requires_grad)
     bias_updates = [b for _, b in updates if b is not None]
     if bias is not None and bias_updates:
         total = bias.detach().float() + scale * torch.stack(bias_updates).sum(0).to(bias.device)
-        base._parameters["bias"] = nn.Parameter(total.to(bias.dtype), requires_grad=bias.requires_grad)
+        base.bias = nn.Parameter(total.to(bias.dtype), requires_grad=bias.requires_grad)
     layer.merged_adapters.extend(present)
 
 
 def unfuse(model: SupportsLoRA) -> None:
     """Put back the exact base weights a fuse replaced (no-op if nothing is fused)."""
     module = _module(model)
-    state = get_state(module)
+    state = SLOT.get(module)
     if state is None:
         return
     for path, (weight, bias) in state.fused.items():
         layer = _peft.layer_at(module, path)
         base = layer.base_layer
-        base._parameters["weight"] = weight
+        base.weight = weight
         if bias is not None:
-            base._parameters["bias"] = bias
+            base.bias = bias
         layer.merged_adapters.clear()
     state.fused.clear()
     state.fused_adapters.clear()
@@ -234,8 +265,8 @@ def _delete_one(module: nn.Module, state: LoRAState, name: str) -> None:
     record = state.adapters.pop(name)
     later = [p for other in state.adapters.values() for p in other.patches]
     for patch in reversed(record.patches):
-        if patch.owner._parameters.get(patch.name) is patch.installed:
-            patch.owner._parameters[patch.name] = patch.original
+        if getattr(patch.owner, patch.name, None) is patch.installed:
+            setattr(patch.owner, patch.name, patch.original)
         else:  # a later adapter replaced the same parameter: it now restores this one's original
             for other in later:
                 if other.original is patch.installed:
@@ -257,8 +288,8 @@ def _delete_one(module: nn.Module, state: LoRAState, name: str) -> None:
     state.weights.pop(name, None)
 
 
-def _restore_widening(module: nn.Module, widening: Any) -> None:
-    widening.module._parameters["weight"] = widening.original_weight
+def _restore_widening(module: nn.Module, widening: Widening) -> None:
+    widening.module.weight = widening.original_weight
     widening.module.in_features = widening.original_in_features
     if widening.original_config is not None:
         module.config = widening.original_config
@@ -267,14 +298,14 @@ def _restore_widening(module: nn.Module, widening: Any) -> None:
 def unload(model: SupportsLoRA) -> None:
     """Remove every adapter and restore the model exactly: weights, module tree, config, flags."""
     module = _module(model)
-    state = get_state(module)
+    state = SLOT.get(module)
     if state is None:
         return
     unfuse(model)
     records = list(state.adapters.values())
     for record in reversed(records):
         for patch in reversed(record.patches):
-            patch.owner._parameters[patch.name] = patch.original
+            setattr(patch.owner, patch.name, patch.original)
         for widening in reversed(record.widenings):
             _restore_widening(module, widening)
     for path in state.layers():
@@ -282,4 +313,33 @@ def unload(model: SupportsLoRA) -> None:
     module.__dict__.pop("peft_config", None)
     for param, flag in state.requires_grad:
         param.requires_grad_(flag)
-    del module.__dict__[STATE_ATTR]
+    SLOT.clear(module)
+
+
+def save_adapter(
+    model: SupportsLoRA,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    layout: SaveLayout = "diffusers",
+) -> Path:
+    """Write adapter ``adapter_name`` to a safetensors file in ``layout`` (``"diffusers"`` or ``"kohya"``).
+
+    The file holds the adapter as loaded (its own rank and alpha, without any weight set by
+    ``set_adapters`` and without hotswap padding), and the parameters it replaced.
+    """
+    module, service = require(model, "lora")
+    state = SLOT.get(module)
+    if state is None or adapter_name not in state.adapters:
+        raise LoRAError(f"no adapter named {adapter_name!r} is loaded")
+    writer = service.layout(layout)
+    if writer is None:
+        known = ", ".join(w.name for w in service.layouts) or "none"
+        raise LoRAError(f"{type(module).__name__} cannot write the {layout!r} layout; it writes {known}")
+    record = state.adapters[adapter_name]
+    targets = {p: _peft.weights_of(_peft.layer_at(module, p), adapter_name, record.ranks[p]) for p in record.targets}
+    patches = {patch.path: patch.installed.detach() for patch in record.patches}
+    tensors, metadata = writer.export(targets, patches, model=module)
+    out = Path(path)
+    save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, out, metadata=metadata)
+    return out

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import FormatError, LoRAError, ShapeError
-from diffcaps.io import SafetensorsReader, read_header
+from diffcaps.io import SafetensorsReader
 from diffcaps.lora import _peft
-from diffcaps.lora._report import LoadReport
-from diffcaps.lora._service import Conversion, LoRAFormat, LoRAService, LoRAWeights, TargetWeights
-from diffcaps.lora._state import STATE_ATTR, AdapterRecord, LoRAState, Patch, Widening, get_state, snapshot
+from diffcaps.lora._adapters import LoRAWeights, TargetWeights
+from diffcaps.lora._formats import ConvertedAdapter, LoRAFormat, LoRAService
+from diffcaps.lora._hotswap import hotswap_adapter
+from diffcaps.lora._state import SLOT, AdapterRecord, LoadReport, LoRAState, Patch, Widening, snapshot
 from diffcaps.protocols import SupportsLoRA, require
 
 __all__ = ["Source", "load_adapter"]
@@ -32,12 +33,6 @@ Source = str | os.PathLike[str] | Mapping[str, Tensor]
 """A LoRA file path, or a state dict already in memory."""
 
 _SHOWN = 8
-
-
-def _as_module(model: SupportsLoRA) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise LoRAError(f"LoRA adapters load into model instances, not {type(model).__name__}")
-    return model
 
 
 class _Tensors(Mapping[str, Tensor]):
@@ -67,6 +62,21 @@ def _listing(keys: Mapping[str, str] | list[str], limit: int = _SHOWN) -> str:
     return text + (f", … and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def _reasons(reasons: Mapping[str, str], limit: int = _SHOWN) -> str:
+    # one line per reason, each with up to three of its keys: a file skipped for one reason
+    # (every key a text-encoder tensor, say) reads as one line, not hundreds
+    by_reason: dict[str, list[str]] = {}
+    for key, why in sorted(reasons.items()):
+        by_reason.setdefault(why, []).append(key)
+    lines = []
+    for why, keys in list(by_reason.items())[:limit]:
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        lines.append(f"  {why}: {shown}")
+    if len(by_reason) > limit:
+        lines.append(f"  … and {len(by_reason) - limit} more reasons")
+    return "\n".join(lines)
+
+
 def _detect(service: LoRAService, keys: list[str], label: str) -> LoRAFormat:
     fmt = service.detect(keys)
     if fmt is None:
@@ -78,7 +88,7 @@ def _detect(service: LoRAService, keys: list[str], label: str) -> LoRAFormat:
 
 
 def _convert(fmt: LoRAFormat, tensors: Mapping[str, Tensor], module: nn.Module,
-             metadata: Mapping[str, str], label: str) -> Conversion:
+             metadata: Mapping[str, str], label: str) -> ConvertedAdapter:
     try:
         return fmt.convert(tensors, model=module, metadata=metadata)
     except ShapeError as exc:
@@ -89,7 +99,7 @@ def _convert(fmt: LoRAFormat, tensors: Mapping[str, Tensor], module: nn.Module,
 
 @attrs.frozen
 class _Plan:
-    conversion: Conversion
+    conversion: ConvertedAdapter
     format: str
     label: str
     widen: dict[str, int]
@@ -124,7 +134,7 @@ def _check_linear(module: nn.Module, path: str, w: TargetWeights, service: LoRAS
     return None
 
 
-def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: Conversion,
+def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: ConvertedAdapter,
           label: str, strict: bool) -> _Plan:
     if strict and conversion.unmatched:
         raise FormatError(
@@ -133,8 +143,9 @@ def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: 
             + "; ".join(f"{k} ({why})" for k, why in sorted(conversion.unmatched.items())[:_SHOWN])
         )
     if not conversion.targets and not conversion.patches:
-        raise FormatError(f"{label}: read as {fmt.name}, but no tensor adapts the model "
-                          f"({len(conversion.skipped)} skipped, {len(conversion.unmatched)} unmatched)")
+        reasons = {**conversion.skipped, **conversion.unmatched}
+        raise FormatError(f"{label}: read as {fmt.name}, but no tensor adapts {type(module).__name__}; "
+                          f"the {len(reasons)} tensor(s) were skipped because\n{_reasons(reasons)}")
     widen: dict[str, int] = {}
     for path, w in conversion.targets.items():
         wider = _check_linear(module, path, w, service, label, conversion.sources.get(path, path))
@@ -143,20 +154,13 @@ def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: 
     for name, patch in conversion.patches.items():
         owner_path, _, param = name.rpartition(".")
         owner = _peft.base_linear(module.get_submodule(owner_path))
-        current = owner._parameters.get(param)
-        if current is None:
+        current = getattr(owner, param, None)
+        if not isinstance(current, nn.Parameter):
             raise FormatError(f"{label}: {patch.source!r} patches {name}, which is not a parameter")
         if tuple(current.shape) != tuple(patch.value.shape):
             raise ShapeError(f"{patch.source!r} → {name}: the parameter is {list(current.shape)}, "
                              f"the file holds {list(patch.value.shape)}", path=label)
     return _Plan(conversion=conversion, format=fmt.name, label=label, widen=widen)
-
-
-def _read(source: Source) -> tuple[str, list[str], Mapping[str, str]]:
-    if isinstance(source, Mapping):
-        return "<state dict>", list(source), {}
-    header = read_header(source)
-    return str(Path(source)), list(header.tensors), header.metadata
 
 
 def load_adapter(
@@ -177,7 +181,7 @@ def load_adapter(
     model is left exactly as it was.
     """
     module, service = require(model, "lora")
-    state = get_state(module)
+    state = SLOT.get(module)
     loaded = state.adapters if state is not None else {}
     if hotswap and adapter_name not in loaded:
         raise LoRAError(f"cannot hotswap {adapter_name!r}: no such adapter is loaded "
@@ -187,23 +191,23 @@ def load_adapter(
                         "delete it first, or load with hotswap=True")
     if state is not None and state.fused:
         raise LoRAError("the model has fused adapters; unfuse it before loading another adapter")
-    label, keys, metadata = _read(source)
-    fmt = _detect(service, keys, label)
     if isinstance(source, Mapping):
-        plan = _plan(module, service, fmt, _convert(fmt, source, module, metadata, label), label, strict)
+        label = "<state dict>"
+        fmt = _detect(service, list(source), label)
+        plan = _plan(module, service, fmt, _convert(fmt, source, module, {}, label), label, strict)
     else:
-        with SafetensorsReader(source) as reader:
-            conversion = _convert(fmt, _Tensors(reader), module, metadata, label)
+        label = str(Path(source))
+        with SafetensorsReader(source) as reader:  # the header is parsed once, here
+            fmt = _detect(service, list(reader.header.tensors), label)
+            conversion = _convert(fmt, _Tensors(reader), module, reader.header.metadata, label)
             plan = _plan(module, service, fmt, conversion, label, strict)
     if hotswap:
         assert state is not None
-        from diffcaps.lora._hotswap import hotswap_adapter
-
         return hotswap_adapter(module, state, adapter_name, plan.conversion, plan.format, label)
     return _apply(module, service, state, adapter_name, plan)
 
 
-def _kind(conversion: Conversion) -> str:
+def _kind(conversion: ConvertedAdapter) -> str:
     kinds = {w.kind for w in conversion.targets.values()}
     if len(kinds) > 1:
         raise LoRAError(f"the file mixes {sorted(kinds)} updates; peft holds one kind per adapter")
@@ -249,7 +253,7 @@ def _apply(module: nn.Module, service: LoRAService, state: LoRAState | None, nam
     new_state.adapters[name] = record
     new_state.active.append(name)
     new_state.weights[name] = 1.0
-    module.__dict__[STATE_ATTR] = new_state
+    SLOT.set(module, new_state)
     return report
 
 
@@ -281,14 +285,13 @@ def _widen(module: nn.Module, service: LoRAService, path: str, cols: int) -> Wid
     assert rule is not None
     linear = module.get_submodule(path)
     assert isinstance(linear, nn.Linear)
-    old = linear._parameters["weight"]
-    assert old is not None
+    old = linear.weight
     wide = torch.zeros(old.shape[0], cols, dtype=old.dtype, device=old.device)
     wide[:, : old.shape[1]] = old.detach()
     config: Any = getattr(module, "config", None)
     record = Widening(module=linear, path=path, original_weight=old,
                       original_in_features=linear.in_features, original_config=config)
-    linear._parameters["weight"] = nn.Parameter(wide, requires_grad=old.requires_grad)
+    linear.weight = nn.Parameter(wide, requires_grad=old.requires_grad)
     linear.in_features = cols
     if config is not None:
         module.config = rule.update_config(config, cols)
@@ -298,12 +301,12 @@ def _widen(module: nn.Module, service: LoRAService, path: str, cols: int) -> Wid
 def _patch(module: nn.Module, path: str, value: Tensor, mode: str) -> Patch:
     owner_path, _, name = path.rpartition(".")
     owner = _peft.base_linear(module.get_submodule(owner_path))
-    old = owner._parameters[name]
-    assert old is not None
+    old = getattr(owner, name)
+    assert isinstance(old, nn.Parameter)
     if mode == "add":
         new_value = (old.detach().float() + value.float()).to(old.dtype)
     else:
         new_value = value.to(device=old.device, dtype=old.dtype)
     installed = nn.Parameter(new_value.contiguous(), requires_grad=old.requires_grad)
-    owner._parameters[name] = installed
+    setattr(owner, name, installed)
     return Patch(owner=owner, name=name, path=path, original=old, installed=installed)

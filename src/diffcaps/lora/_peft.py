@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
 import attrs
@@ -17,9 +17,25 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import LoRAError
-from diffcaps.lora._service import LoHaWeights, LoKrWeights, LoRAWeights, TargetWeights
+from diffcaps.lora._adapters import LoHaWeights, LoKrWeights, LoRAWeights, TargetWeights
 
-__all__ = ["PeftLayer", "delta", "inject", "kind_of", "layer_at", "pad_lora", "set_weight", "unwrap"]
+__all__ = [
+    "PeftLayer",
+    "adapter_config",
+    "adapters_of",
+    "base_linear",
+    "delta",
+    "inject",
+    "is_peft_layer",
+    "kind_of",
+    "layer_at",
+    "pad_lora",
+    "rank_error",
+    "set_weight",
+    "unit_scale",
+    "unwrap",
+    "weights_of",
+]
 
 
 class PeftLayer(Protocol):
@@ -64,13 +80,9 @@ def kind_of(layer: PeftLayer) -> str:
     return "loha"
 
 
-def _exact(path: str) -> str:
-    return "^" + re.escape(path)
-
-
 def _patterns(values: Mapping[str, float]) -> tuple[float, dict[str, float]]:
     common = Counter(values.values()).most_common(1)[0][0]
-    return common, {_exact(path): v for path, v in values.items() if v != common}
+    return common, {"^" + re.escape(path): v for path, v in values.items() if v != common}
 
 
 def pad_lora(w: LoRAWeights, rank: int) -> LoRAWeights:
@@ -90,24 +102,37 @@ def rank_error(path: str, rank: int, limit: int) -> LoRAError:
                      "lora.enable_hotswap(model, max_rank=...) with a larger rank before the first load")
 
 
+def adapter_config(kind: str, targets: Mapping[str, TargetWeights]) -> dict[str, Any]:
+    """The peft config fields of an adapter on these modules (``kind``: lora, lokr or loha).
+
+    The most common rank and alpha are the defaults, the others go to ``rank_pattern`` /
+    ``alpha_pattern`` by exact path; ``target_modules`` is a regex of exact paths (a list
+    would let peft match ``proj_out`` by suffix). diffusers writes the same fields, prefixed,
+    in a file's ``lora_adapter_metadata`` header entry.
+    """
+    r, rank_pattern = _patterns({path: float(w.rank) for path, w in targets.items()})
+    alpha, alpha_pattern = _patterns({path: w.scale * w.rank for path, w in targets.items()})
+    fields: dict[str, Any] = {
+        "r": int(r),
+        "lora_alpha" if kind == "lora" else "alpha": alpha,
+        "rank_pattern": {k: int(v) for k, v in rank_pattern.items()},
+        "alpha_pattern": alpha_pattern,
+        "target_modules": "^(?:" + "|".join(re.escape(path) for path in sorted(targets)) + ")$",
+    }
+    if kind == "lora":
+        fields["lora_bias"] = any(isinstance(w, LoRAWeights) and w.bias is not None for w in targets.values())
+    return fields
+
+
 def _config(kind: str, targets: Mapping[str, TargetWeights]) -> Any:
     import peft
 
-    regex = "^(?:" + "|".join(re.escape(path) for path in targets) + ")$"
-    ranks = {path: w.rank for path, w in targets.items()}
-    alphas = {path: w.scale * w.rank for path, w in targets.items()}
-    r, rank_pattern = _patterns({k: float(v) for k, v in ranks.items()})
-    alpha, alpha_pattern = _patterns(alphas)
-    common: dict[str, Any] = dict(
-        r=int(r), rank_pattern={k: int(v) for k, v in rank_pattern.items()}, alpha_pattern=alpha_pattern,
-        target_modules=regex,
-    )
+    fields = adapter_config(kind, targets)
     if kind == "lora":
-        has_bias = any(isinstance(w, LoRAWeights) and w.bias is not None for w in targets.values())
-        return peft.LoraConfig(lora_alpha=alpha, lora_bias=has_bias, init_lora_weights=False, **common)
+        return peft.LoraConfig(init_lora_weights=False, **fields)
     if kind == "lokr":
-        return peft.LoKrConfig(alpha=alpha, init_weights=False, **common)
-    return peft.LoHaConfig(alpha=alpha, init_weights=False, **common)
+        return peft.LoKrConfig(init_weights=False, **fields)
+    return peft.LoHaConfig(init_weights=False, **fields)
 
 
 @attrs.frozen
@@ -195,7 +220,7 @@ def unwrap(model: nn.Module, path: str) -> None:
     """Put the base layer back in place of the peft layer at ``path``."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    parent._modules[child] = base_linear(parent._modules[child] or nn.Identity())
+    setattr(parent, child, base_linear(parent.get_submodule(child)))
 
 
 def _scaling(layer: Any, name: str) -> float:
@@ -280,6 +305,26 @@ def adapters_of(layer: PeftLayer) -> set[str]:
     return names
 
 
-def all_layers(model: nn.Module, paths: Iterable[str]) -> list[tuple[str, PeftLayer]]:
-    """(path, layer) for these paths."""
-    return [(path, layer_at(model, path)) for path in paths]
+def weights_of(layer: PeftLayer, name: str, rank: int) -> TargetWeights:
+    """Adapter ``name`` of a peft layer in canonical form, at weight 1 and its loaded rank."""
+    any_layer: Any = layer
+    scale = unit_scale(layer, name)
+    kind = kind_of(layer)
+    if kind == "lora":
+        b = any_layer.lora_B[name]
+        return LoRAWeights(down=any_layer.lora_A[name].weight.detach()[:rank],
+                           up=b.weight.detach()[:, :rank], scale=scale,
+                           bias=b.bias.detach() if b.bias is not None else None)
+    if kind == "lokr":
+        factors = [_lokr_factor(any_layer, label, name) for label in ("lokr_w1", "lokr_w2")]
+        return LoKrWeights(w1=factors[0], w2=factors[1], scale=scale)
+    return LoHaWeights(w1_a=any_layer.hada_w1_a[name].detach(), w1_b=any_layer.hada_w1_b[name].detach(),
+                       w2_a=any_layer.hada_w2_a[name].detach(), w2_b=any_layer.hada_w2_b[name].detach(),
+                       scale=scale)
+
+
+def _lokr_factor(layer: Any, label: str, name: str) -> Tensor | tuple[Tensor, Tensor]:
+    if name in getattr(layer, label):
+        full: Tensor = getattr(layer, label)[name].detach()
+        return full
+    return getattr(layer, f"{label}_a")[name].detach(), getattr(layer, f"{label}_b")[name].detach()

@@ -1,6 +1,6 @@
 """The adapter state a model carries while LoRA adapters are loaded, and whole-model rollback.
 
-The state lives on the model instance under :data:`STATE_ATTR`. It exists from the first
+The state lives in the model's LoRA slot (:data:`SLOT`). It exists from the first
 ``load_adapter`` until ``unload`` (or until the last adapter is deleted), and records
 everything needed to put the model back exactly: the parameter objects an adapter replaced
 (control-LoRA norms, widened inputs), the config it changed, the weights a fuse replaced,
@@ -10,20 +10,70 @@ and the ``requires_grad`` flags peft turned off.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
 import torch
 
-from diffcaps.lora._report import LoadReport
+from diffcaps.errors import LoRAError
+from diffcaps.slots import InstanceSlot
 
-__all__ = ["STATE_ATTR", "AdapterRecord", "LoRAState", "Patch", "Widening", "get_state", "snapshot"]
-
-STATE_ATTR: Final = "_diffcaps_lora"
+__all__ = [
+    "SLOT",
+    "AdapterRecord",
+    "LoRAState",
+    "LoadReport",
+    "Patch",
+    "Widening",
+    "check_prefixes",
+    "snapshot",
+    "weight_for",
+]
 
 Weight = float | dict[str, float]
 """An adapter's weight: one number, or numbers by exact module-path prefix."""
+
+
+def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen(kw_only=True)
+class LoadReport:
+    """The outcome of one ``load_adapter`` call.
+
+    ``targets`` are the model modules that received an adapter layer; ``patched`` the
+    parameters replaced or shifted in full (control-LoRA norms, ``.diff`` patches);
+    ``widened`` the modules whose input grew; ``used`` the file's tensors that went into
+    the model and ``skipped`` the ones that did not, each with the reason.
+    """
+
+    adapter_name: str
+    source: str
+    format: str
+    kind: str
+    targets: tuple[str, ...]
+    used: tuple[str, ...]
+    skipped: Mapping[str, str] = attrs.field(converter=_frozen_mapping, factory=dict)
+    patched: tuple[str, ...] = ()
+    widened: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    hotswapped: bool = False
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.source}: {self.format} ({self.kind}) as adapter {self.adapter_name!r}"
+            + (" (hotswapped)" if self.hotswapped else ""),
+            f"  {len(self.targets)} module(s) adapted, {len(self.used)} tensor(s) used, "
+            f"{len(self.skipped)} skipped",
+        ]
+        lines += [f"  patched {name}" for name in self.patched]
+        lines += [f"  widened {what}" for what in self.widened]
+        lines += [f"  skipped {key}: {why}" for key, why in sorted(self.skipped.items())]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
 
 
 @attrs.define(kw_only=True)
@@ -87,10 +137,8 @@ class LoRAState:
                     yield path
 
 
-def get_state(model: torch.nn.Module) -> LoRAState | None:
-    """The model's adapter state, or ``None`` when no adapter is loaded."""
-    state = model.__dict__.get(STATE_ATTR)
-    return state if isinstance(state, LoRAState) else None
+SLOT: Final = InstanceSlot("lora", LoRAState)
+"""Where a model instance keeps its :class:`LoRAState` while adapters are loaded."""
 
 
 def _shallow(value: Any) -> Any:
@@ -117,3 +165,35 @@ def snapshot(model: torch.nn.Module) -> Callable[[], None]:
             param.requires_grad_(flag)
 
     return restore
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """Whether ``prefix`` names ``path`` or a module containing it (``""`` names every module).
+
+    Matching is on whole path components: ``transformer_blocks.1`` matches
+    ``transformer_blocks.1.attn.to_q`` but not ``transformer_blocks.10`` nor
+    ``single_transformer_blocks.1``.
+    """
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def weight_for(weight: float | Mapping[str, float], path: str) -> float:
+    """The weight of the module at ``path``: the value of the longest matching prefix, else 1."""
+    if not isinstance(weight, Mapping):
+        return float(weight)
+    best: str | None = None
+    for prefix in weight:
+        if prefix_matches(prefix, path) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return float(weight[best]) if best is not None else 1.0
+
+
+def check_prefixes(weight: float | Mapping[str, float], paths: Iterable[str], adapter: str) -> None:
+    """Raise ``LoRAError`` for a prefix that names none of the model's modules."""
+    if not isinstance(weight, Mapping):
+        return
+    known = list(paths)
+    for prefix in weight:
+        if not any(prefix_matches(prefix, path) for path in known):
+            raise LoRAError(f"weight for adapter {adapter!r}: {prefix!r} is the path of no module of the model "
+                            "(prefixes match whole dotted components)")

@@ -21,39 +21,39 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import LoRAError
-from diffcaps.lora import (
+from diffcaps.lora.spec import (
     LORA_SUFFIXES,
+    DiffusersLayout,
     InputWidening,
     KeyFormat,
     LoRAService,
     LoRAWeights,
-    PeftLayout,
-    Placement,
+    ModulePlacement,
     Resolver,
     TargetWeights,
+    diffusers_peft,
     join_lora,
-    metadata_scale,
     model_linears,
+    module_table,
 )
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
-from diffcaps.weights import SWAP_HALVES
+from diffcaps.weights.spec import SWAP_HALVES, KeyPattern
 
-__all__ = ["FLUX_LORA", "FLUX_LORA_FORMATS", "bfl_table", "detect_flux_lora_format"]
+__all__ = ["FLUX_LORA", "FLUX_LORA_FORMATS", "bfl_table"]
 
 BFL_ROOTS: Final = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
                     "guidance_in.", "final_layer.")
 DIFFUSERS_ROOTS: Final = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
                           "time_text_embed.", "norm_out.", "proj_out.")
 _COMFY_PREFIXES: Final = ("model.diffusion_model.", "diffusion_model.", "")
-_DIFFUSERS_PREFIXES: Final = ("transformer.", "base_model.model.", "")
 _LINEAR: Final = {"weight": "weight", "bias": "bias"}
 
 @attrs.frozen
 class _ModuleRule:
     """A weight-mapping rule at module level: original module pattern → model module pattern(s)."""
 
-    original: str
-    model: tuple[str, ...]
+    original: KeyPattern
+    model: tuple[KeyPattern, ...]
     params: Mapping[str, str]
     swap: bool
 
@@ -68,34 +68,28 @@ def _module_rules() -> tuple[_ModuleRule, ...]:
         if len(originals) != 1:
             continue
         if originals[0].endswith(".{p}") and all(m.endswith(".{p}") for m in models):
-            rules.append(_ModuleRule(originals[0][:-4], tuple(m[:-4] for m in models), _LINEAR,
-                                     rule.transform == SWAP_HALVES))
+            rules.append(_ModuleRule(KeyPattern(originals[0][:-4]), tuple(KeyPattern(m[:-4]) for m in models),
+                                     _LINEAR, rule.transform == SWAP_HALVES))
             continue
         module, _, param = originals[0].rpartition(".")
         if len(models) == 1 and "{" not in param:
             model_module, _, model_param = models[0].rpartition(".")
-            rules.append(_ModuleRule(module, (model_module,), {param: model_param}, False))
+            rules.append(_ModuleRule(KeyPattern(module), (KeyPattern(model_module),), {param: model_param}, False))
     return tuple(rules)
 
 
 _RULES: Final = _module_rules()
-_PLACEHOLDER: Final = re.compile(r"\{(\w+)\}")
-
-
-def _pattern(text: str) -> re.Pattern[str]:
-    parts = _PLACEHOLDER.split(text)
-    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^.]+)" for i, p in enumerate(parts)))
 
 
 def _linear_placement(linears: Mapping[str, nn.Linear], targets: tuple[str, ...], swap: bool = False
-                      ) -> Placement | None:
+                      ) -> ModulePlacement | None:
     if not all(t in linears for t in targets):
         return None
     sizes = tuple(linears[t].out_features for t in targets) if len(targets) > 1 else None
-    return Placement(targets=targets, sizes=sizes, swap_halves=swap, params=_LINEAR)
+    return ModulePlacement(targets=targets, sizes=sizes, swap_halves=swap, params=_LINEAR)
 
 
-def bfl_table(model: nn.Module) -> dict[str, Placement]:
+def bfl_table(model: nn.Module) -> dict[str, ModulePlacement]:
     """Original (BFL) module name → placement on ``model``, for every module the model has.
 
     Derived from Flux's single-file key table (``FLUX_WEIGHTS``): block numbers are those of
@@ -103,23 +97,22 @@ def bfl_table(model: nn.Module) -> dict[str, Placement]:
     """
     linears = model_linears(model)
     norms = {path for path, module in model.named_modules() if isinstance(module, nn.RMSNorm)}
-    table: dict[str, Placement] = {}
+    table: dict[str, ModulePlacement] = {}
     for rule in _RULES:
-        pattern = _pattern(rule.model[0])
         candidates = linears if rule.params is _LINEAR else norms
         for path in candidates:
-            found = pattern.fullmatch(path)
+            found = rule.model[0].match(path)
             if found is None:
                 continue
-            values = found.groupdict()
-            targets = tuple(m.format_map(values) for m in rule.model)
-            name = rule.original.format_map(values)
+            values = dict(found)
+            targets = tuple(m.format(values) for m in rule.model)
+            name = rule.original.format(values)
             if rule.params is _LINEAR:
                 placement = _linear_placement(linears, targets, rule.swap)
                 if placement is not None:
                     table[name] = placement
             else:
-                table[name] = Placement(targets=targets, params=rule.params)
+                table[name] = ModulePlacement(targets=targets, params=rule.params)
     return table
 
 
@@ -144,7 +137,7 @@ def _dotted_bfl(prefixes: Collection[str]) -> Callable[[nn.Module], Resolver]:
     def build(model: nn.Module) -> Resolver:
         table = bfl_table(model)
 
-        def resolve(name: str) -> Placement | str | None:
+        def resolve(name: str) -> ModulePlacement | str | None:
             for prefix in prefixes:
                 if name.startswith(prefix) and name[len(prefix):] in table:
                     return table[name[len(prefix):]]
@@ -155,46 +148,26 @@ def _dotted_bfl(prefixes: Collection[str]) -> Callable[[nn.Module], Resolver]:
     return build
 
 
-def _flattened(table: Mapping[str, Placement]) -> dict[str, Placement]:
+def _flattened(table: Mapping[str, ModulePlacement]) -> dict[str, ModulePlacement]:
     return {name.replace(".", "_"): placement for name, placement in table.items()}
 
 
 def _kohya(model: nn.Module) -> Resolver:
     table = _flattened(bfl_table(model))
 
-    def resolve(name: str) -> Placement | None:
+    def resolve(name: str) -> ModulePlacement | None:
         rest = _strip(name, ("lora_unet_",))
         return table.get(rest) if rest is not None else None
 
     return resolve
 
 
-def _diffusers_table(model: nn.Module) -> dict[str, Placement]:
-    table = {path: Placement(targets=(path,)) for path in model_linears(model)}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.RMSNorm) and ".base_layer" not in path:
-            table[path] = Placement(targets=(path,), params={"weight": "weight"})
-    return table
-
-
 def _onetrainer(model: nn.Module) -> Resolver:
-    table = _flattened(_diffusers_table(model))
+    table = _flattened(module_table(model))
 
-    def resolve(name: str) -> Placement | None:
+    def resolve(name: str) -> ModulePlacement | None:
         rest = _strip(name, ("lora_transformer_",))
         return table.get(rest) if rest is not None else None
-
-    return resolve
-
-
-def _diffusers(model: nn.Module) -> Resolver:
-    table = _diffusers_table(model)
-
-    def resolve(name: str) -> Placement | None:
-        for prefix in _DIFFUSERS_PREFIXES:
-            if name.startswith(prefix) and name[len(prefix):] in table:
-                return table[name[len(prefix):]]
-        return None
 
     return resolve
 
@@ -208,7 +181,7 @@ def _xlabs(model: nn.Module) -> Resolver:
     table = bfl_table(model)
     linears = model_linears(model)
 
-    def resolve(name: str) -> Placement | None:
+    def resolve(name: str) -> ModulePlacement | None:
         match = _XLABS_NAME.match(name)
         if match is None:
             return None
@@ -229,9 +202,9 @@ def _xlabs(model: nn.Module) -> Resolver:
 
 def _lycoris(model: nn.Module) -> Resolver:
     chain = [_kohya(model), _onetrainer(model), _lycoris_diffusers(model),
-             _dotted_bfl(("base_model.model.", *_COMFY_PREFIXES))(model), _diffusers(model)]
+             _dotted_bfl(("base_model.model.", *_COMFY_PREFIXES))(model), DIFFUSERS.resolver(model)]
 
-    def resolve(name: str) -> Placement | str | None:
+    def resolve(name: str) -> ModulePlacement | str | None:
         for candidate in chain:
             placement = candidate(name)
             if placement is not None:
@@ -242,9 +215,9 @@ def _lycoris(model: nn.Module) -> Resolver:
 
 
 def _lycoris_diffusers(model: nn.Module) -> Resolver:
-    table = _flattened(_diffusers_table(model))
+    table = _flattened(module_table(model))
 
-    def resolve(name: str) -> Placement | None:
+    def resolve(name: str) -> ModulePlacement | None:
         rest = _strip(name, ("lycoris_",))
         return table.get(rest) if rest is not None else None
 
@@ -286,15 +259,9 @@ def _is_comfyui(keys: Collection[str]) -> bool:
     return _rooted(keys, _COMFY_PREFIXES, BFL_ROOTS)
 
 
-def _is_diffusers(keys: Collection[str]) -> bool:
-    return _rooted(keys, _DIFFUSERS_PREFIXES, DIFFUSERS_ROOTS)
-
-
 _LORA_ONLY: Final = dict(LORA_SUFFIXES)
 
-DIFFUSERS = KeyFormat(name="diffusers", detector=_is_diffusers, resolver=_diffusers, suffixes=_LORA_ONLY,
-                      raw_params=frozenset({"weight"}),
-                      scale=lambda metadata: metadata_scale(metadata, "transformer"))
+DIFFUSERS = diffusers_peft(roots=DIFFUSERS_ROOTS)
 KOHYA = KeyFormat(name="kohya", detector=_is_kohya, resolver=_kohya, suffixes=_LORA_ONLY)
 COMFYUI = KeyFormat(name="comfyui", detector=_is_comfyui, resolver=_dotted_bfl(_COMFY_PREFIXES))
 ONETRAINER = KeyFormat(name="onetrainer", detector=_is_onetrainer, resolver=_onetrainer, suffixes=_LORA_ONLY)
@@ -308,11 +275,6 @@ LYCORIS = KeyFormat(name="lycoris", detector=_is_lycoris, resolver=_lycoris)
 
 FLUX_LORA_FORMATS: Final = (XLABS, LYCORIS, KOHYA, ONETRAINER, FAL_KONTEXT, BFL_CONTROL, COMFYUI, DIFFUSERS)
 """Tried in this order: the most specific key patterns first."""
-
-
-def detect_flux_lora_format(keys: Collection[str]) -> str | None:
-    """The name of the Flux LoRA format these tensor names are in, or ``None``."""
-    return next((f.name for f in FLUX_LORA_FORMATS if f.detect(keys)), None)
 
 
 # --- writing kohya files --------------------------------------------------------------------
@@ -346,10 +308,7 @@ class KohyaLayout:
                     raise LoRAError(f"the kohya layout has no bias updates; {target} has one")
                 loras.append(part)
             joined = join_lora(loras, placement.sizes or (placement_rows(loras),))
-            up = joined.up
-            if placement.swap_halves:
-                first, second = up.chunk(2, dim=0)
-                up = torch.cat([second, first], dim=0)
+            up = SWAP_HALVES.forward((joined.up,))[0] if placement.swap_halves else joined.up
             key = "lora_unet_" + bfl.replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = joined.down
             tensors[f"{key}.lora_up.weight"] = up
@@ -372,7 +331,7 @@ def _widen_flux_config(config: Any, in_channels: int) -> Any:
 
 FLUX_LORA: Final = LoRAService(
     formats=FLUX_LORA_FORMATS,
-    layouts=(PeftLayout(name="diffusers", prefix="transformer"), KohyaLayout()),
+    layouts=(DiffusersLayout(name="diffusers", prefix="transformer"), KohyaLayout()),
     widenable=(InputWidening(module="x_embedder", update_config=_widen_flux_config),),
 )
 """The LoRA service of ``FluxTransformer2DModel``."""
