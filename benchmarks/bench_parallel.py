@@ -43,7 +43,8 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel  # noqa: E402
-from diffcaps.parallel import disable, enable_context_parallel  # noqa: E402
+from diffcaps import parallel  # noqa: E402
+from diffcaps.parallel import ContextParallelConfig, disable  # noqa: E402
 from tests.flux_fixtures import diffusers_flux, flux_inputs, seeded_state  # noqa: E402
 
 start_processes: Callable[..., Any] = importlib.import_module("torch.multiprocessing.spawn").start_processes
@@ -111,12 +112,12 @@ def try_diffusers_parallel(args: argparse.Namespace, degrees: tuple[int, int], m
                            inputs: dict[str, Any]) -> str:
     """Run diffusers' own context parallelism on this rank, or say why it cannot run."""
     try:
-        from diffusers import ContextParallelConfig
+        from diffusers import ContextParallelConfig as DiffusersContextParallelConfig
 
         peer = diffusers_flux(config_from(args), model.state_dict())
         peer.requires_grad_(False)
         ulysses, ring = degrees
-        peer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+        peer.enable_parallelism(config=DiffusersContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
         result = measure(lambda: peer(**inputs).sample, args.repeats, dist.barrier)
         return f"ran: {result['seconds']:.3f} s, activation {result['activation'] / 2**20:.1f} MiB"
     except Exception as error:  # reported in the table
@@ -136,7 +137,7 @@ def rank_main(rank: int, world: int, port: int, degrees: tuple[int, int], args: 
     model, inputs = build(args)
     reference = torch.load(Path(out_dir) / "reference.pt")
     ulysses, ring = degrees
-    enable_context_parallel(model, ulysses_degree=ulysses, ring_degree=ring, timeout=300)
+    parallel.enable(model, ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, timeout=300))
     result = measure(lambda: model(**inputs).sample, args.repeats, dist.barrier)
     error = float((result.pop("output") - reference).abs().max())
     disable(model)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from diffcaps.cache import FirstBlockCacheConfig
 from diffcaps.errors import CapabilityError, ParallelError, RankFailure
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.parallel import current, disable, enable_context_parallel
+from diffcaps import parallel
+from diffcaps.parallel import ContextParallelConfig, disable
 from tests.custom_model import seeded_tiny_dit
 from tests.flux_fixtures import PARITY_CONFIGS, TINY, flux_inputs, seeded_model
 
@@ -197,15 +198,15 @@ def _run_case(case: Case, models: dict[tuple[str, bool], FluxTransformer2DModel]
     inputs = case_inputs(case)
     with torch.no_grad():
         before = model(**inputs).sample
-        enable_context_parallel(model, ulysses_degree=case.ulysses, ring_degree=case.ring, mesh=_mesh(case),
-                                timeout=60)
-        config = current(model)
+        parallel.enable(model, ContextParallelConfig(ulysses_degree=case.ulysses, ring_degree=case.ring,
+                                                     mesh=_mesh(case), timeout=60))
+        shard = parallel.assignment(model)
         output = model(**inputs).sample
         again = model(**inputs).sample  # a second call reuses the groups
         disable(model)
         after = model(**inputs).sample
     return {"output": output, "again": again, "restored": torch.equal(after, before),
-            "position": None if config is None else config.position}
+            "position": None if shard is None else shard.position}
 
 
 def _cache_checks(rank: int) -> dict[str, Any]:
@@ -214,7 +215,8 @@ def _cache_checks(rank: int) -> dict[str, Any]:
         model = build_model(case)
 
         def parallel(model: FluxTransformer2DModel = model, case: Case = case) -> None:
-            enable_context_parallel(model, ulysses_degree=case.ulysses, ring_degree=case.ring, timeout=60)
+            parallel.enable(model, ContextParallelConfig(ulysses_degree=case.ulysses, ring_degree=case.ring,
+                                                         timeout=60))
         results[name] = cached_steps(model, case, kind, parallel, order)
         disable(model)
     return results
@@ -237,17 +239,20 @@ def _bad_input_checks(rank: int) -> dict[str, Any]:
     model = build_model(case)
     inputs = case_inputs(case)
     if rank == 0:
-        checks["degrees-mismatch"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=4))
-        checks["degree-zero"] = _expect(ParallelError, lambda: enable_context_parallel(model, ring_degree=0))
-        checks["no-plan"] = _expect(CapabilityError, lambda: enable_context_parallel(seeded_tiny_dit(),  # type: ignore[arg-type]
-                                                                                     ulysses_degree=2))
-        checks["bad-mesh"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
-                                                                                    mesh="not a mesh"))
-        checks["bad-timeout"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2,
-                                                                                       timeout=0))
-        checks["unchanged"] = current(model) is None and not model.__dict__.get("_diffcaps_hooks")
-    enable_context_parallel(model, ulysses_degree=2, timeout=60)
-    checks["enable-twice"] = _expect(ParallelError, lambda: enable_context_parallel(model, ulysses_degree=2))
+        checks["degrees-mismatch"] = _expect(ParallelError, lambda: parallel.enable(
+            model, ContextParallelConfig(ulysses_degree=4)))
+        checks["degree-zero"] = _expect(ParallelError, lambda: parallel.enable(
+            model, ContextParallelConfig(ring_degree=0)))
+        checks["no-plan"] = _expect(CapabilityError, lambda: parallel.enable(
+            seeded_tiny_dit(), ContextParallelConfig(ulysses_degree=2)))  # type: ignore[arg-type]
+        checks["bad-mesh"] = _expect(ParallelError, lambda: parallel.enable(
+            model, ContextParallelConfig(ulysses_degree=2, mesh="not a mesh")))
+        checks["bad-timeout"] = _expect(ParallelError, lambda: parallel.enable(
+            model, ContextParallelConfig(ulysses_degree=2, timeout=0)))
+        checks["unchanged"] = parallel.active(model) is None and not model.__dict__.get("_diffcaps_hooks")
+    parallel.enable(model, ContextParallelConfig(ulysses_degree=2, timeout=60))
+    checks["enable-twice"] = _expect(ParallelError, lambda: parallel.enable(
+        model, ContextParallelConfig(ulysses_degree=2)))
     if rank == 0:
         checks["grad-enabled"] = _expect(ParallelError, lambda: model(**{**inputs, "hidden_states":
                                                                        inputs["hidden_states"].requires_grad_()}))
@@ -272,7 +277,7 @@ def _failure_checks(rank: int) -> dict[str, Any]:
     inputs = case_inputs(case)
     with torch.no_grad():
         before = model(**inputs).sample
-    enable_context_parallel(model, ring_degree=2, timeout=60)
+    parallel.enable(model, ContextParallelConfig(ring_degree=2, timeout=60))
     if rank == 1:
         def boom(module: nn.Module, args: Any) -> None:
             raise ValueError("injected failure on rank 1")
@@ -299,7 +304,7 @@ def _stall_checks(rank: int) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     case = Case(ulysses=2, height=3, width=3, text=5)
     model = build_model(case)
-    enable_context_parallel(model, ulysses_degree=2, timeout=1.5)
+    parallel.enable(model, ContextParallelConfig(ulysses_degree=2, timeout=1.5))
     if rank == 0:
         start = time.monotonic()
         checks["stall"] = _expect(RankFailure, lambda: model(**case_inputs(case)))

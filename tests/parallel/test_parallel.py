@@ -17,7 +17,8 @@ import torch
 
 from diffcaps.errors import ParallelError
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.parallel import current, disable, enable_context_parallel
+from diffcaps import parallel
+from diffcaps.parallel import ContextParallelConfig, disable
 from tests.parallel._worker import CACHE_CASES, FOUR_RANKS, TWO_RANKS, Case, build_model, cached_steps, case_inputs, \
     free_port, reference, run_rank
 
@@ -144,8 +145,10 @@ def test_a_stalled_rank_times_out_instead_of_hanging(two_ranks: list[dict[str, A
 def test_no_process_group_is_a_clear_error() -> None:
     model = build_model(Case())
     with pytest.raises(ParallelError, match="init_process_group"):
-        enable_context_parallel(model, ulysses_degree=2)
-    assert current(model) is None and disable(model) is None
+        parallel.enable(model, ContextParallelConfig(ulysses_degree=2))
+    assert parallel.active(model) is None
+    disable(model)  # nothing on: a no-op
+    assert parallel.active(model) is None
 
 
 def test_metadata_row() -> None:

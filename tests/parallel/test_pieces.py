@@ -16,16 +16,9 @@ from hypothesis import strategies as st
 from diffcaps.errors import ParallelError
 from diffcaps.hooks import hook_names
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.parallel import (
-    ContextParallelConfig,
-    ContextParallelPlan,
-    GatherOutput,
-    SplitInput,
-    current,
-    disable,
-    enable_context_parallel,
-    shard_sizes,
-)
+from diffcaps import parallel
+from diffcaps.parallel import ContextParallelConfig, ShardAssignment, disable, shard_sizes
+from diffcaps.parallel.spec import ContextParallelPlan, GatherOutput, SplitInput
 from diffcaps.parallel._kernels import attention_with_lse, merge_partials
 from diffcaps.parallel._layout import Layout
 from tests.parallel._worker import Case, add_lora, build_model, case_inputs, free_port
@@ -84,7 +77,7 @@ def test_plan_validation() -> None:
         SplitInput(ndim=2, dim=2)
     with pytest.raises(ValueError, match="at least one"):
         ContextParallelPlan(inputs={}, outputs={"x": GatherOutput(ndim=3, dim=1)},
-                            attention=FluxTransformer2DModel.capabilities.context_parallel.attention)
+                            attention=FluxTransformer2DModel.declared_capabilities().context_parallel.attention)
     ids = SplitInput(ndim=2, dim=0)
     assert ids.axis("img_ids", torch.zeros(5, 3)) == 0 and ids.axis("img_ids", torch.zeros(1, 5, 3)) == 1
     with pytest.raises(ValueError, match="at least 2"):
@@ -110,16 +103,17 @@ def test_enable_and_disable_on_one_rank_restore_the_model_exactly() -> None:
     attention = model.transformer_blocks[0].attn
     with torch.no_grad():
         before = model(**inputs).sample
-        enable_context_parallel(model, timeout=timedelta(seconds=9))
-        assert current(model) == ContextParallelConfig(ulysses_degree=1, ring_degree=1, rank=0, position=0,
-                                                       timeout=timedelta(seconds=9))
+        parallel.enable(model, ContextParallelConfig(timeout=timedelta(seconds=9)))
+        assert parallel.active(model) == ContextParallelConfig(ulysses_degree=1, ring_degree=1,
+                                                               timeout=timedelta(seconds=9))
+        assert parallel.assignment(model) == ShardAssignment(rank=0, position=0, ranks=1)
         assert "kernel" in attention.__dict__ and hook_names(model) == ("diffcaps.parallel.split",)
         assert hook_names(model.proj_out) == ("diffcaps.parallel.gather",)
         assert torch.equal(model(**inputs).sample, before)
         with pytest.raises(ParallelError, match="outside the model's forward"):
             model.transformer_blocks[0](torch.zeros(1, 4, 32), torch.zeros(1, 2, 32), torch.zeros(1, 32))
-        config = disable(model)
-    assert config is not None and config.ulysses_degree == 1
+        disable(model)
+    assert parallel.active(model) is None and parallel.assignment(model) is None
     assert "kernel" not in attention.__dict__ and "forward" not in model.__dict__
     assert hook_names(model) == () and hook_names(model.proj_out) == ()
     with torch.no_grad():
@@ -130,7 +124,7 @@ def test_enable_and_disable_on_one_rank_restore_the_model_exactly() -> None:
 def test_a_module_replaced_after_enabling_is_refused() -> None:
     case = Case()
     model = build_model(case)
-    enable_context_parallel(model)
+    parallel.enable(model)
     add_lora(model)  # peft wraps proj_out in a new module: the gather hook is no longer on the path
     with torch.no_grad(), pytest.raises(ParallelError, match="'proj_out' was replaced"):
         model(**case_inputs(case))
@@ -143,6 +137,6 @@ def test_a_kernel_already_replaced_is_refused() -> None:
     attention = model.single_transformer_blocks[1].attn
     attention.__dict__["kernel"] = lambda q, k, v: q
     with pytest.raises(ParallelError, match="already replaced"):
-        enable_context_parallel(model)
-    assert current(model) is None and hook_names(model) == ()
+        parallel.enable(model)
+    assert parallel.active(model) is None and hook_names(model) == ()
     assert "kernel" not in model.transformer_blocks[0].attn.__dict__

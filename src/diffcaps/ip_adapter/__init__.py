@@ -4,7 +4,8 @@
 then takes ``joint_attention_kwargs={"ip_adapter_image_embeds": [embeds, ...]}`` with one
 image embedding per loaded adapter, in load order, as diffusers' pipelines pass it.
 ``set_scale`` sets the strengths, ``unload`` restores the model exactly. The implementation
-is per model (``models/<name>/_ip_adapter.py``); this package never names a model class.
+is per model (``models/<name>/_ip_adapter.py``, implementing :mod:`diffcaps.ip_adapter.spec`); this
+package never names a model class.
 """
 
 from diffcaps.ip_adapter._api import (
@@ -16,11 +17,9 @@ from diffcaps.ip_adapter._api import (
     unload as unload,
 )
 from diffcaps.ip_adapter._scale import AdapterScale as AdapterScale, Scale as Scale
-from diffcaps.ip_adapter._service import IPAdapterSupport as IPAdapterSupport
 
 __all__ = [
     "AdapterScale",
-    "IPAdapterSupport",
     "Scale",
     "Source",
     "adapter_names",

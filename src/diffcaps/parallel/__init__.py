@@ -1,34 +1,30 @@
 """Context parallelism: one sequence split over several ranks, over torch.distributed.
 
-``enable_context_parallel(model, ulysses_degree=..., ring_degree=...)`` applies the model's
-:class:`ContextParallelPlan`: each rank keeps its shard of the split inputs, attention runs
-Ulysses (all-to-all over heads), ring (K/V passed around with an online-softmax merge) or both
-on a 2-D grid, and the declared outputs are gathered so every rank returns the whole result.
-Any sequence length and head count works. ``disable(model)`` restores the model exactly.
+``enable(model, ContextParallelConfig(ulysses_degree=2, ring_degree=1))``, called on every
+rank, applies the model's context-parallel plan: each rank keeps its shard of the split
+inputs, attention runs Ulysses (all-to-all over heads), ring (K/V passed around with an
+online-softmax merge) or both on a 2-D grid, and the declared outputs are gathered so every
+rank returns the whole result. Any sequence length and head count works. ``active(model)``
+gives the config in force, ``assignment(model)`` the shard this rank holds, and
+``disable(model)`` restores the model exactly. What a model declares is in
+:mod:`diffcaps.parallel.spec`.
 """
 
 from diffcaps.parallel._api import (
-    ContextParallelConfig as ContextParallelConfig,
-    current as current,
+    active as active,
+    assignment as assignment,
     disable as disable,
-    disable_context_parallel as disable_context_parallel,
-    enable_context_parallel as enable_context_parallel,
+    enable as enable,
 )
+from diffcaps.parallel._config import ContextParallelConfig as ContextParallelConfig, ShardAssignment as ShardAssignment
 from diffcaps.parallel._layout import shard_sizes as shard_sizes
-from diffcaps.parallel._service import (
-    ContextParallelPlan as ContextParallelPlan,
-    GatherOutput as GatherOutput,
-    SplitInput as SplitInput,
-)
 
 __all__ = [
     "ContextParallelConfig",
-    "ContextParallelPlan",
-    "GatherOutput",
-    "SplitInput",
-    "current",
+    "ShardAssignment",
+    "active",
+    "assignment",
     "disable",
-    "disable_context_parallel",
-    "enable_context_parallel",
+    "enable",
     "shard_sizes",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from typing import final
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 
 from diffcaps.errors import ParallelError
 from diffcaps.parallel._comm import Communicator
+from diffcaps.parallel._config import ContextParallelConfig
 from diffcaps.parallel._layout import Layout
 from diffcaps.parallel._service import ContextParallelPlan
 from diffcaps.parallel._topology import Axis, Topology
@@ -27,14 +27,12 @@ class Session:
     collectives may then be out of step, so later calls refuse to run.
     """
 
-    def __init__(self, plan: ContextParallelPlan, topology: Topology, comm: Communicator, *,
-                 ulysses_degree: int, ring_degree: int, timeout: timedelta) -> None:
+    def __init__(self, plan: ContextParallelPlan, topology: Topology, comm: Communicator,
+                 config: ContextParallelConfig) -> None:
         self.plan = plan
         self.topology = topology
         self.comm = comm
-        self.ulysses_degree = ulysses_degree
-        self.ring_degree = ring_degree
-        self.timeout = timeout
+        self.config = config
         self.layout: Layout | None = None
         self.broken: str | None = None
         self.hooks: list[tuple[nn.Module, str]] = []
