@@ -15,7 +15,6 @@ from diffcaps import cache
 from diffcaps.cache import (
     CacheConfig,
     CacheStats,
-    CacheSupport,
     FasterCacheConfig,
     FirstBlockCacheConfig,
     GroupStats,
@@ -23,6 +22,7 @@ from diffcaps.cache import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
+from diffcaps.cache.spec import CacheSupport
 from diffcaps.hooks import ContextualState, Forward, Hook, StateContext, add_hook, eager, get_hook, remove_hook
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.protocols import SupportsCache, supports_cache
@@ -32,14 +32,16 @@ flux = FluxTransformer2DModel(FluxConfig())
 tiny = TinyDiT(TinyDiTConfig())
 
 # --- Flux declares caches; the functions take it and say what they return ----------------------
-assert_type(FluxTransformer2DModel.capabilities.cache, CacheSupport)
+assert_type(FluxTransformer2DModel.declared_capabilities().cache, CacheSupport)
 assert_type(cache.enable(flux, FirstBlockCacheConfig(threshold=0.1)), None)
-assert_type(cache.disable(flux), CacheConfig | None)
-assert_type(cache.current(flux), CacheConfig | None)
+assert_type(cache.disable(flux), None)
+assert_type(cache.active(flux), CacheConfig | None)
 assert_type(cache.stats(flux), CacheStats)
 assert_type(cache.stats(flux).contexts["cond"]["transformer_blocks"], GroupStats)
 assert_type(cache.stats(flux).skipped(context="cond"), int)
-assert_type(cache.calibrated_mag_ratios(flux), dict[str, tuple[float, ...]])
+assert_type(cache.calibrated_mag_ratios(flux), tuple[float, ...])
+assert_type(cache.calibrated_mag_ratios(flux, context="cond"), tuple[float, ...])
+MagCacheConfig(mag_ratios=cache.calibrated_mag_ratios(flux), num_inference_steps=28)
 assert_type(cache.reset(flux), None)
 with cache.context(flux, "cond", timestep=500.0):
     pass
@@ -65,6 +67,8 @@ cache.enable(tiny, FirstBlockCacheConfig())  # type: ignore[arg-type]
 cache.stats(tiny)  # type: ignore[arg-type]
 cache.context(tiny, "cond")  # type: ignore[arg-type]
 cache.enable(nn.Linear(2, 2), FirstBlockCacheConfig())  # type: ignore[arg-type]
+cache.enable(FluxTransformer2DModel, FirstBlockCacheConfig())  # type: ignore[arg-type]
+cache.active(FluxTransformer2DModel)  # type: ignore[arg-type]
 
 # --- only cache configs, built by keyword, frozen --------------------------------------------
 cache.enable(flux, object())  # type: ignore[arg-type]

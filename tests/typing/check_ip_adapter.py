@@ -8,7 +8,7 @@ from typing import assert_type
 import torch
 
 from diffcaps import ip_adapter
-from diffcaps.ip_adapter import IPAdapterSupport
+from diffcaps.ip_adapter.spec import IPAdapterSupport
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.models.flux._ip_adapter import FluxIPAdapter
 from diffcaps.protocols import SupportsIPAdapter, supports_ip_adapter
@@ -18,8 +18,8 @@ flux = FluxTransformer2DModel.from_pretrained("some/folder")
 tensors: dict[str, torch.Tensor] = {}
 
 # --- Flux declares the feature; its implementation satisfies the shared protocol ----------
-assert_type(FluxTransformer2DModel.capabilities.ip_adapter, FluxIPAdapter)
-support: IPAdapterSupport = FluxTransformer2DModel.capabilities.ip_adapter
+assert_type(FluxTransformer2DModel.declared_capabilities().ip_adapter, FluxIPAdapter)
+support: IPAdapterSupport = FluxTransformer2DModel.declared_capabilities().ip_adapter
 as_protocol: SupportsIPAdapter = flux
 
 # --- what must pass ------------------------------------------------------------------------
@@ -48,6 +48,7 @@ ip_adapter.load(flux, "x.safetensors", "style")  # type: ignore[call-arg]
 ip_adapter.set_scale(flux, "strong")  # type: ignore[arg-type]
 ip_adapter.set_scale(flux, {"style": "strong"})  # type: ignore[dict-item]
 ip_adapter.unload(flux, 3)  # type: ignore[arg-type]
+ip_adapter.load(FluxTransformer2DModel, tensors)  # type: ignore[arg-type]
 
 
 def maybe(model: TinyDiT) -> None:
