@@ -100,7 +100,8 @@ def _quickstart_input(name: str) -> Callable[[], object]:
     return lambda: _inputs(torch.bfloat16)[name]
 
 
-def _denoising_rest() -> dict[str, Any]:
+def _other_inputs() -> dict[str, Any]:
+    # the forward's arguments besides the latents and the timestep the denoising loop passes
     return {k: v for k, v in _inputs().items() if k not in ("hidden_states", "timestep")}
 
 
@@ -115,7 +116,7 @@ STAND_IN_NAMES: Final[dict[str, Callable[[], object]]] = {
     "inputs": _inputs,
     **{name: _quickstart_input(name) for name in _inputs()},
     "x": lambda: _inputs()["hidden_states"],
-    "conditioning": _denoising_rest,
+    "other_inputs": _other_inputs,
     # one row per denoising step: that step's timestep (0–1000 scale) for each batch element
     "timesteps": lambda: torch.linspace(1000.0, 0.0, 5)[:, None],
     "style_embeds": lambda: image_embeds(1, seed=7),
