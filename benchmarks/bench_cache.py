@@ -188,7 +188,7 @@ def _mag_ratios(side: Side, inputs: dict[str, Tensor]) -> tuple[float, ...]:
 
     cache.enable(side.model, cache.MagCacheConfig(calibrate=True, num_inference_steps=STEPS))  # type: ignore[arg-type]
     _loop(side.model, inputs, side.enter)
-    ratios = cache.calibrated_mag_ratios(side.model)["cond"]  # type: ignore[arg-type]
+    ratios = cache.calibrated_mag_ratios(side.model, context="cond")  # type: ignore[arg-type]
     cache.disable(side.model)  # type: ignore[arg-type]
     return ratios
 

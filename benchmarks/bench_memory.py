@@ -54,9 +54,9 @@ def _child(mode: str, lib: str, folder: str, work: str) -> dict[str, Any]:
     inputs = _inputs(model.config)
     if mode == "disk":
         if lib == "diffcaps":
-            from diffcaps.offload import enable_group_offloading
+            from diffcaps import offload
 
-            enable_group_offloading(model, onload_device="cpu", offload_to_disk_path=work)
+            offload.enable(model, offload.GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=work))
         else:
             model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
                                        num_blocks_per_group=1, offload_to_disk_path=work)
@@ -70,9 +70,9 @@ def _child(mode: str, lib: str, folder: str, work: str) -> dict[str, Any]:
         return {"weights": weights, "resting": resting, "peak": peak_rss_bytes()}
     if mode == "fp8":
         if lib == "diffcaps":
-            from diffcaps.casting import enable_layerwise_casting
+            from diffcaps import casting
 
-            enable_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn)
+            casting.enable(model, casting.LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn))
         else:
             model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
         return {"weights": weights, "after": sum(p.numel() * p.element_size() for p in model.parameters())}
@@ -132,9 +132,9 @@ def _compile_child(kind: str, lib: str) -> dict[str, Any]:
     inputs = _inputs(model.config, tokens=64, text=16)
     if kind == "regional":
         if lib == "diffcaps":
-            from diffcaps.compile import compile_repeated_blocks
+            from diffcaps import compile as regional_compile
 
-            compile_repeated_blocks(model)
+            regional_compile.enable(model)
         else:
             model.compile_repeated_blocks()
         runner = model
