@@ -88,6 +88,7 @@ STAND_IN_FILES: Final[dict[str, StandIn]] = {
     "my-flux": None,
     "style-kohya.safetensors": None,
     "out.safetensors": None,
+    "scratch/flux-groups": None,
 }
 
 
