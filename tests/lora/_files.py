@@ -121,6 +121,10 @@ class LoraFile:
         self._resolve()
         return self._bias_deltas
 
+    def expect(self, path: str, delta: Tensor, *, bias: bool = False) -> None:
+        """Record the expected weight (or bias) update of the module at ``path``."""
+        (self._bias_deltas if bias else self._deltas)[path] = delta
+
     def save(self, path: Path, dtype: torch.dtype | None = None) -> Path:
         tensors = self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
         save_safetensors(tensors, path, metadata=self.metadata)
@@ -158,10 +162,10 @@ def place(file: LoraFile, model: nn.Module, targets: list[str], delta: Callable[
             full = _swap(full)
             cut = _swap(cut) if cut is not None else None
         for target, part in zip(targets, torch.split(full, sizes)):
-            file._deltas[target] = part
+            file.expect(target, part)
         if cut is not None:
             for target, part in zip(targets, torch.split(cut, sizes)):
-                file._bias_deltas[target] = part
+                file.expect(target, part, bias=True)
 
     file.pending.append(compute)
 

@@ -54,13 +54,13 @@ def test_peft_file_on_a_custom_model(tmp_path: Path, prefix: str) -> None:
         updates[path] = (down, up, scale)
     config = {"transformer.lora_alpha": 9.0, "transformer.r": _RANK,
               "transformer.alpha_pattern": {"blocks.1.down": 1.5}}
-    path = tmp_path / "adapter.safetensors"
-    save_safetensors(tensors, path, metadata={"lora_adapter_metadata": json.dumps(config)})
+    file = tmp_path / "adapter.safetensors"
+    save_safetensors(tensors, file, metadata={"lora_adapter_metadata": json.dumps(config)})
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         before = model(x)
 
-    report = lora.load_adapter(model, path, adapter_name="a")
+    report = lora.load_adapter(model, file, adapter_name="a")
 
     assert report.format == "diffusers"
     assert set(report.targets) == set(paths)

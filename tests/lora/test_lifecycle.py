@@ -186,7 +186,7 @@ def test_misuse_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_save_and_reload_round_trip(layout: str, tmp_path: Path) -> None:
+def test_save_and_reload_round_trip(layout: lora.SaveLayout, tmp_path: Path) -> None:
     model = seeded_model(TINY)
     file = kohya_style(model, seed=10, key=lambda b: "lora_unet_" + b.replace(".", "_"), block_diagonal=True)
     lora.load_adapter(model, file.save(tmp_path / "in.safetensors"), adapter_name="a")
@@ -219,4 +219,4 @@ def test_save_control_lora_keeps_norms_and_width(tmp_path: Path) -> None:
     with pytest.raises(LoRAError, match="replaced parameters"):
         lora.save_adapter(model, tmp_path / "k.safetensors", "c", layout="kohya")
     with pytest.raises(LoRAError, match="cannot write the 'xlabs' layout; it writes diffusers, kohya"):
-        lora.save_adapter(model, tmp_path / "x.safetensors", "c", layout="xlabs")
+        lora.save_adapter(model, tmp_path / "x.safetensors", "c", layout="xlabs")  # type: ignore[arg-type]

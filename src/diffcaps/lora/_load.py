@@ -125,7 +125,7 @@ def _check_linear(module: nn.Module, path: str, w: TargetWeights, service: LoRAS
             f"(out × in, rank {w.rank})",
             path=label,
         )
-    if isinstance(w, LoRAWeights) and w.bias is not None and base.bias is None:
+    if isinstance(w, LoRAWeights) and w.bias is not None and getattr(base, "bias", None) is None:
         raise ShapeError(f"{source!r} → {path}: the adapter shifts a bias the module does not have", path=label)
     if cols > base.in_features:
         if _peft.is_peft_layer(current):
@@ -286,6 +286,7 @@ def _widen(module: nn.Module, service: LoRAService, path: str, cols: int) -> Wid
     linear = module.get_submodule(path)
     assert isinstance(linear, nn.Linear)
     old = linear.weight
+    assert isinstance(old, nn.Parameter)
     wide = torch.zeros(old.shape[0], cols, dtype=old.dtype, device=old.device)
     wide[:, : old.shape[1]] = old.detach()
     config: Any = getattr(module, "config", None)
