@@ -48,11 +48,9 @@ def make_file(folder: Path, double: int, single: int, dtype_name: str) -> tuple[
     """Write an original-layout file and a diffusers config folder for the same model."""
     import torch
 
-    from diffcaps.io._streaming import write_safetensors_stream
+    from diffcaps.io import TensorSlot, stream_safetensors
     from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
-    from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
-    from diffcaps.weights._single_file import planned_slots, produce
-    from diffcaps.weights._variants import TensorSpec
+    from diffcaps.weights.spec import TensorSpec
 
     config = FluxConfig.from_dict({**WIDTH, "num_layers": double, "num_single_layers": single})
     dtype = getattr(torch, dtype_name)
@@ -68,10 +66,14 @@ def make_file(folder: Path, double: int, single: int, dtype_name: str) -> tuple[
         start = zlib.crc32(key.encode()) % (pool.numel() - count + 1)
         return (pool[start : start + count] * 0.02).view(shapes[key])
 
-    plan = FLUX_WEIGHTS.plan(list(shapes), "to_original")
-    specs = {k: TensorSpec(shape=s, dtype=dtype) for k, s in shapes.items()}
+    mapper = FluxTransformer2DModel.declared_capabilities().weight_mapping
+    plan = mapper.plan(list(shapes), "to_original")
+    targets = plan.target_specs({k: TensorSpec(shape=s, dtype=dtype) for k, s in shapes.items()})
+    slots = [TensorSlot(key, dtype, targets[key].shape) for step in plan.steps for key in step.targets]
+    produced = ((key, tensor) for step in plan.steps
+                for key, tensor in zip(step.targets, step.run([fetch(k) for k in step.sources]), strict=True))
     path = folder / "flux1-bench.safetensors"
-    write_safetensors_stream(path, planned_slots(plan, specs, None, where=str(path)), produce(plan, fetch, None))
+    stream_safetensors(path, slots, produced)
     config_folder = folder / "config"
     config_folder.mkdir()
     (config_folder / "config.json").write_text(json.dumps(config.to_dict()))

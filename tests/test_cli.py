@@ -1,7 +1,8 @@
-"""The command line: ``describe`` and ``demo``, run as a user would run them."""
+"""The command line as a user runs it: ``describe``, ``demo``, and how every failure is reported."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
+import diffcaps
 from diffcaps import ModelMetadata
-from diffcaps.cli import main
+from diffcaps.cli import build_parser, main
 from diffcaps.models.flux import FluxTransformer2DModel
+from tests.custom_model import TinyDiT
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def test_describe_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -29,11 +38,89 @@ def test_describe_verbose_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert ModelMetadata.from_dict(payload) == FluxTransformer2DModel.metadata()
 
 
-def test_describe_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_describe_takes_any_model_class_as_module_and_name(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _run(["describe", "tests.custom_model:TinyDiT"], capsys)
+    assert (status, err) == (0, "")
+    assert out.strip() == TinyDiT.metadata().describe()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sdxl", "unknown model 'sdxl'; built-in models: flux (or give module:Class)"),
+        ("no_such_module:Model", "cannot import 'no_such_module' for 'no_such_module:Model': ModuleNotFoundError"),
+        ("tests.custom_model:Nothing", "module 'tests.custom_model' has no 'Nothing'"),
+        ("diffcaps.errors:DiffcapsError", "'diffcaps.errors:DiffcapsError' is not a diffcaps Model subclass"),
+        (":TinyDiT", "':TinyDiT' is not a module:Class reference"),
+    ],
+)
+def test_describe_refuses_what_is_not_a_model_in_one_line(
+    spec: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = _run(["describe", spec], capsys)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"diffcaps describe: {message}")
+    assert err.count("\n") == 1
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = _run(["frobnicate"], capsys)
+    assert status == 1
+    assert err.startswith("diffcaps: argument COMMAND: invalid choice: 'frobnicate'") and err.count("\n") == 1
+    status, _, err = _run(["convert", "only-a-source"], capsys)
+    assert status == 1
+    assert "the following arguments are required: target" in err and err.count("\n") == 1
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["describe", "sdxl"])
-    assert info.value.code == 2
-    assert "invalid choice: 'sdxl'" in capsys.readouterr().err
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"diffcaps {diffcaps.__version__}\n"
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:  # argparse has no public listing of its actions
+        if isinstance(action.choices, dict):
+            found += [p for sub in action.choices.values() if isinstance(sub, argparse.ArgumentParser)
+                      for p in _parsers(sub)]
+    return found
+
+
+def test_every_argument_has_help() -> None:
+    parsers = _parsers(build_parser())
+    assert {p.prog for p in parsers} >= {f"diffcaps {c}" for c in ("describe", "demo", "inspect", "convert")}
+    for parser in parsers:
+        for action in parser._actions:
+            if action.dest != "command":
+                assert action.help, f"{parser.prog}: {action.dest} has no help text"
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(FluxTransformer2DModel, "metadata", broken)
+    status, out, err = _run(["describe", "flux"], capsys)
+    assert (status, out) == (1, "")
+    assert err == "diffcaps describe: internal error: RuntimeError: boom; rerun with --debug for the traceback\n"
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "describe", "flux"])
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["describe", "flux", "--debug"])
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    child = subprocess.Popen([sys.executable, "-m", "diffcaps", "describe", "flux", "--verbose"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # as `| head` does, before the child has written anything
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1
+    assert err == ""
 
 
 def test_demo_saves_loads_and_reproduces(tmp_path: Path) -> None:

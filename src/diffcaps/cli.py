@@ -1,24 +1,92 @@
-"""Command line: ``python -m diffcaps describe|demo|inspect|convert``."""
+"""Command line: ``python -m diffcaps describe|demo|inspect|convert``.
+
+Every failure prints one line to stderr and exits 1; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from types import TracebackType
+from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
+import diffcaps
+from diffcaps.errors import DiffcapsError
 from diffcaps.models import model_class, model_names
 
 if TYPE_CHECKING:
     from diffcaps.protocols import SupportsWeightMapping
     from diffcaps.weights import Recogniser
 
-__all__ = ["main"]
+__all__ = ["ProgressBar", "build_parser", "main"]
+
+_ADAPTER_PAIRS = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".down.weight", ".up.weight"),
+    (".lokr_w1", ".lokr_w2"),
+    (".hada_w1_a", ".hada_w2_a"),
+)
+"""Suffix pairs that only adapter files hold: a LoRA file is told from a checkpoint by these."""
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses (shown as one line, like every other failure)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class ProgressBar:
+    """``label [#####-----] 50%  1.20 GB / 2.40 GB``, redrawn in place at most ten times a second.
+
+    Drawn only when ``stream`` (default: stderr) is a terminal, unless ``enabled`` says
+    otherwise; call it with (done, total) byte counts (a ``diffcaps.io.Progress``), and use
+    it as a context manager so the line is finished on exit.
+    """
+
+    def __init__(self, label: str, *, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = done / total if total else 1.0
+        filled = int(round(fraction * 30))
+        bar = "#" * filled + "-" * (30 - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%}  {_bytes(done)} / {_bytes(total)}")
+        self.stream.flush()
+        self._drawn = True
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 10**8 else f"{count / 1e6:.1f} MB"
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -31,10 +99,10 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _timed(label: str, log: Callable[[str], None]) -> Iterator[None]:
+def _timed(label: str) -> Generator[None]:
     start = time.perf_counter()
     yield
-    log(f"  {label:<44} {1000 * (time.perf_counter() - start):8.1f} ms")
+    print(f"  {label:<44} {1000 * (time.perf_counter() - start):8.1f} ms")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,15 +118,15 @@ def _demo(args: argparse.Namespace) -> int:
           f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.output) if args.output else Path(tmp) / "flux-demo"
-        with _timed("build with seeded weights", print):
+        with _timed("build with seeded weights"):
             model = FluxTransformer2DModel.from_config(DEMO_CONFIG).eval()
         params = sum(p.numel() for p in model.parameters())
-        with _timed(f"save_pretrained ({params / 1e6:.2f} M parameters)", print):
+        with _timed(f"save_pretrained ({params / 1e6:.2f} M parameters)"):
             model.save_pretrained(folder)
-        with _timed("from_pretrained (meta device, safetensors)", print):
+        with _timed("from_pretrained (meta device, safetensors)"):
             loaded = FluxTransformer2DModel.from_pretrained(folder)
         inputs = demo_inputs(DEMO_CONFIG, seed=args.seed)
-        with torch.no_grad(), _timed("forward pass (1 × 64 image + 8 text tokens)", print):
+        with torch.no_grad(), _timed("forward pass (1 × 64 image + 8 text tokens)"):
             out = loaded(**inputs).sample
         with torch.no_grad():
             reference = model(**inputs).sample
@@ -69,101 +137,161 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _adapter_shaped(keys: Sequence[str]) -> bool:
+    present = set(keys)
+    for key in keys:
+        for first, second in _ADAPTER_PAIRS:
+            if first in key and key.replace(first, second, 1) in present:
+                return True
+    return False
+
+
+def _structural_lora(recognise: Recogniser) -> Recogniser:
+    """Let the LoRA recogniser speak only for files whose tensors come in adapter pairs."""
+    from diffcaps.io import SafetensorsHeader
+    from diffcaps.weights import Recognition
+
+    def gated(header: SafetensorsHeader) -> Recognition:
+        if _adapter_shaped(list(header.tensors)):
+            return recognise(header)
+        return Recognition(kind="lora", matched=False,
+                           rows=(("lora", "no adapter tensor pairs (lora_A/B, lora_down/up, LoKr, LoHa)"),))
+
+    return gated
+
+
 def _file_recognisers() -> list[Recogniser]:
     """What ``inspect`` tries on a file, in order; the first that matches describes it.
 
-    Hook: another kind of file (a LoRA and its format) is recognised by adding its
-    recogniser to this list — a callable taking the parsed header and returning a
-    ``diffcaps.weights.Recognition``.
+    Another kind of file is recognised by adding its recogniser to this list: a callable
+    taking the parsed header and returning a ``diffcaps.weights.Recognition``.
     """
     from diffcaps.lora import lora_recogniser
     from diffcaps.weights import checkpoint_recogniser
 
     classes = [model_class(name) for name in model_names()]
-    return [checkpoint_recogniser(classes), lora_recogniser(classes)]
+    return [checkpoint_recogniser(classes), _structural_lora(lora_recogniser(classes))]
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from diffcaps.errors import DiffcapsError
     from diffcaps.weights import inspect_file
 
-    try:
-        report = inspect_file(args.file, _file_recognisers())
-    except DiffcapsError as exc:
-        print(f"diffcaps inspect: {exc}", file=sys.stderr)
-        return 1
-    print(report.describe())
+    print(inspect_file(args.file, _file_recognisers()).describe())
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from diffcaps.errors import DiffcapsError
-    from diffcaps.io._progress import ProgressBar
     from diffcaps.weights import convert
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        with ProgressBar("converting") as progress:
-            done = convert(
-                cast("type[SupportsWeightMapping]", model_class(args.model)), args.source, args.target,
-                to=args.to, variant=args.variant, prefix=args.prefix, torch_dtype=dtype,
-                strict=not args.non_strict, max_shard_size=args.max_shard_size, overwrite=args.force,
-                progress=progress,
-            )
-    except DiffcapsError as exc:
-        print(f"diffcaps convert: {exc}", file=sys.stderr)
-        return 1
+    dtype: torch.dtype | None = getattr(torch, args.dtype) if args.dtype else None
+    # A class from the registry may lack weight mapping; convert checks that first.
+    model = cast("type[SupportsWeightMapping]", model_class(args.model))
+    with ProgressBar("converting") as progress:
+        done = convert(
+            model, args.source, args.target,
+            to=args.to, variant=args.variant, prefix=args.prefix, torch_dtype=dtype,
+            strict=not args.non_strict, max_shard_size=args.max_shard_size, overwrite=args.force,
+            progress=progress,
+        )
     what = f"{done.variant} " if done.variant else ""
     print(f"wrote {what}{done.layout} layout: {done.tensors} tensors, {done.nbytes / 1e9:.2f} GB → {done.target}")
     return 0
 
 
-def _add_weight_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    inspect = commands.add_parser("inspect", help="say what a safetensors file is, without loading it")
-    inspect.add_argument("file", help="a .safetensors file")
+_MODEL_HELP = f"a built-in model ({', '.join(model_names())}) or module:Class naming any diffcaps Model subclass"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffcaps`` argument parser."""
+    parser = _Parser(prog="diffcaps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"diffcaps {diffcaps.__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="on a failure, show the full traceback")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on a failure, show the full traceback")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    describe = commands.add_parser("describe", parents=[common], help="print what a model class supports")
+    describe.add_argument("model", help=_MODEL_HELP)
+    describe.add_argument("--verbose", action="store_true", help="add descriptions and docs links")
+    describe.add_argument("--json", action="store_true", help="print versioned JSON instead of a table")
+    describe.set_defaults(run=_describe)
+
+    demo = commands.add_parser("demo", parents=[common], help="build, save, load and run a small seeded Flux model")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs (default: 0)")
+    demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
+    demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser("inspect", parents=[common], help="say what a safetensors file is, without loading it")
+    inspect.add_argument("file", help="a .safetensors file (a checkpoint, a LoRA, or anything else)")
     inspect.set_defaults(run=_inspect)
 
-    convert = commands.add_parser(
-        "convert", help="convert a single-file checkpoint to a diffusers folder, or a folder to one file"
-    )
+    _add_convert(commands.add_parser(
+        "convert", parents=[common],
+        help="convert a single-file checkpoint to a diffusers folder, or a folder to one file",
+    ))
+    return parser
+
+
+def _add_convert(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("source", help="an original-layout .safetensors file, or a diffusers model folder")
     convert.add_argument("target", help="the folder (or, from a folder, the .safetensors file) to write")
-    convert.add_argument("--model", choices=model_names(), default="flux")
-    convert.add_argument("--to", choices=("diffusers", "original"), help="default: the other layout")
+    convert.add_argument("--model", default="flux", help=_MODEL_HELP + " (default: flux)")
+    convert.add_argument("--to", choices=("diffusers", "original"), help="the layout to write (default: the other one)")
     convert.add_argument("--variant", help="insist on this variant instead of detecting it")
     convert.add_argument("--prefix", default="", help="key prefix for the original layout, e.g. model.diffusion_model.")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float8_e4m3fn"),
                          help="cast floating tensors (default: keep the stored dtypes)")
-    convert.add_argument("--max-shard-size", default="10GB", help="diffusers shard size (default 10GB)")
+    convert.add_argument("--max-shard-size", default="10GB", help="diffusers shard size (default: 10GB)")
     convert.add_argument("--non-strict", action="store_true", help="skip tensors the model has no place for")
     convert.add_argument("--force", action="store_true", help="replace an existing target")
     convert.set_defaults(run=_convert)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``diffcaps`` argument parser."""
-    parser = argparse.ArgumentParser(prog="diffcaps", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] + (" (rerun with --debug for the details)" if len(lines) > 1 else "")
 
-    describe = commands.add_parser("describe", help="print what a model class supports")
-    describe.add_argument("model", choices=model_names())
-    describe.add_argument("--verbose", action="store_true", help="add descriptions and docs links")
-    describe.add_argument("--json", action="store_true", help="print versioned JSON instead of a table")
-    describe.set_defaults(run=_describe)
 
-    demo = commands.add_parser("demo", help="build, save, load and run a small seeded Flux model")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
-    demo.set_defaults(run=_demo)
-
-    _add_weight_commands(commands)
-    return parser
+def _silence_stdout() -> None:
+    """After a closed pipe (``describe … | head``), send what is left of stdout nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0, or 1 after a one-line message on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"diffcaps: {exc}", file=sys.stderr)
+        return 1
+    label = f"diffcaps {args.command}"
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        status = run(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()  # the reader has all it wanted; there is nothing to report
+        return 1
+    except KeyboardInterrupt:
+        print(f"{label}: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, DiffcapsError):
+            message = _one_line(exc)
+        elif isinstance(exc, OSError):
+            message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else _one_line(exc)
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            message = f"internal error: {type(exc).__name__}: {first}; rerun with --debug for the traceback"
+        print(f"{label}: {message}", file=sys.stderr)
+        return 1

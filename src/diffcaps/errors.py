@@ -26,6 +26,7 @@ __all__ = [
     "ParallelError",
     "RankFailure",
     "ShapeError",
+    "UnknownModelError",
 ]
 
 
@@ -72,6 +73,10 @@ class CheckpointError(DiffcapsError, ValueError):
 
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
+
+
+class UnknownModelError(DiffcapsError, LookupError):
+    """A model name or ``module:Class`` reference names no diffcaps model class."""
 
 
 class ShapeError(CheckpointError):

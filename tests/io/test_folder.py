@@ -41,7 +41,7 @@ def test_diffusers_folder_loads_here(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("max_shard_size", ["10GB", 20_000])
 def test_round_trip_through_diffusers(tmp_path: Path, max_shard_size: int | str) -> None:
-    from diffusers import FluxTransformer2DModel as DiffusersFlux
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel as DiffusersFlux
 
     model = save_tiny_folder(tmp_path / "ours", max_shard_size=max_shard_size)
     sharded = (tmp_path / "ours" / INDEX_NAME).is_file()

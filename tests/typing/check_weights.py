@@ -15,7 +15,8 @@ import torch
 
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.protocols import SupportsWeightMapping
-from diffcaps.weights import Conversion, WeightMapper, convert, load_single_file, save_single_file
+from diffcaps.weights import ConversionReport, convert, load_single_file, save_single_file
+from diffcaps.weights.spec import WeightMapper
 from tests.custom_model import TinyDiT, seeded_tiny_dit
 
 # --- what passes ---------------------------------------------------------------------------
@@ -28,9 +29,9 @@ assert_type(
 )
 assert_type(save_single_file(flux, "out.safetensors"), Path)
 assert_type(save_single_file(flux, "out.safetensors", "diffusers", prefix="model.diffusion_model."), Path)
-assert_type(convert(FluxTransformer2DModel, "in.safetensors", "folder"), Conversion)
-assert_type(FluxTransformer2DModel.capabilities.weight_mapping, WeightMapper)
-assert_type(FluxTransformer2DModel.capabilities.weight_mapping.entries(), tuple[str, ...])
+assert_type(convert(FluxTransformer2DModel, "in.safetensors", "folder"), ConversionReport)
+assert_type(FluxTransformer2DModel.declared_capabilities().weight_mapping, WeightMapper)
+assert_type(FluxTransformer2DModel.declared_capabilities().weight_mapping.entries(), tuple[str, ...])
 
 
 def generic(cls: type[SupportsWeightMapping]) -> SupportsWeightMapping:
@@ -46,3 +47,4 @@ save_single_file(torch.nn.Linear(2, 2), "linear.safetensors")  # type: ignore[ar
 save_single_file(flux, "out.safetensors", layout="bfl")  # type: ignore[arg-type]
 convert(TinyDiT, "in.safetensors", "folder")  # type: ignore[arg-type]
 load_single_file(FluxTransformer2DModel, "f.safetensors", variant=3)  # type: ignore[arg-type]
+save_single_file(FluxTransformer2DModel, "class.safetensors")  # type: ignore[arg-type]

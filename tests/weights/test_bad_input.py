@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffcaps.errors import CapabilityError, CheckpointError, ShapeError
-from diffcaps.io._mapped import MappedSafetensors
+from diffcaps.io import MappedSafetensors
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.weights import UnexpectedTensorsWarning, load_single_file, save_single_file
 from tests.custom_model import TinyDiT, seeded_tiny_dit
@@ -194,9 +194,9 @@ def test_models_without_weight_mapping_are_refused_at_run_time(tmp_path: Path, d
         load_single_file(TinyDiT, dev_file)  # type: ignore[type-var]
     with pytest.raises(CapabilityError, match="weight_mapping"):
         save_single_file(seeded_tiny_dit(), tmp_path / "tiny.safetensors")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="model instance"):
-        save_single_file(FluxTransformer2DModel, tmp_path / "class.safetensors")
-    with pytest.raises(TypeError, match="model class"):
+    with pytest.raises(CapabilityError, match="pass a model instance, not the class"):
+        save_single_file(FluxTransformer2DModel, tmp_path / "class.safetensors")  # type: ignore[arg-type]
+    with pytest.raises(CapabilityError, match="pass a diffcaps model class"):
         load_single_file(variant_model("flux-dev", "small"), dev_file)  # type: ignore[arg-type]
 
 

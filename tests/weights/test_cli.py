@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcaps.cli import main
+from diffcaps.cli import ProgressBar, main
+from diffcaps.demo import DEMO_CONFIG
 from diffcaps.errors import CheckpointError
-from diffcaps.io import INDEX_NAME, read_header
-from diffcaps.io._mapped import MappedSafetensors
-from diffcaps.io._progress import ProgressBar
+from diffcaps.io import INDEX_NAME, MappedSafetensors, read_header
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.weights import convert, load_single_file
+from diffcaps.weights import convert, load_single_file, save_single_file
+from tests.flux_fixtures import seeded_model
 from tests.weights.fixtures import original_file, variant_model
 from tests.weights.test_single_file import assert_same_file_tensors
 
@@ -70,6 +70,44 @@ def test_inspect_says_when_a_file_is_no_known_kind(tmp_path: Path, capsys: pytes
     )
     assert lines["dtype"] == "float16 (1), float32 (1)"
     assert lines["tensors"] == "2"
+
+
+def _inspect_rows(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    assert main(["inspect", str(path)]) == 0
+    return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+
+
+def test_inspect_does_not_call_a_full_checkpoint_of_no_known_variant_a_lora(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = seeded_model(DEMO_CONFIG)  # Flux-shaped, but 16 input channels: no declared variant
+    for layout in ("original", "diffusers"):
+        path = save_single_file(model, tmp_path / f"{layout}.safetensors", layout)
+        lines = _inspect_rows(path, capsys)
+        assert lines["kind"] == "unknown", layout
+        assert lines["FluxTransformer2DModel"].startswith("not a recognised Flux checkpoint")
+        assert lines["lora"] == "no adapter tensor pairs (lora_A/B, lora_down/up, LoKr, LoHa)"
+
+
+def test_inspect_calls_a_checkpoint_of_another_model_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({f"blocks.{i}.{name}.weight": torch.zeros(16, 16) for i in range(3) for name in ("q", "k", "up", "down")},
+              str(path))
+    lines = _inspect_rows(path, capsys)
+    assert lines["kind"] == "unknown"
+    assert "lora" in lines  # the structural check said why it is not an adapter
+
+
+def test_inspect_tells_a_lora_by_its_tensor_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "style.safetensors"
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 32), f"{stem}.lora_up.weight": torch.zeros(32, 4),
+               f"{stem}.alpha": torch.tensor(4.0)}, str(path))
+    lines = _inspect_rows(path, capsys)
+    assert lines["kind"] == "lora"
+    assert lines["format"] == "kohya"
 
 
 def test_inspect_names_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,6 +198,24 @@ def test_convert_reports_bad_input_on_the_command_line(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert err.startswith("diffcaps convert: ") and "asked for Flux variant 'flux-fill'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_an_unwritable_target_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = original_file(tmp_path / "dev.safetensors", variant_model("flux-dev", "small"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["convert", str(source), str(blocker / "sub" / "folder")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffcaps convert: {blocker}") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_convert_with_a_model_that_has_no_weight_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = original_file(tmp_path / "dev.safetensors", variant_model("flux-dev", "small"))
+    assert main(["convert", str(source), str(tmp_path / "out"), "--model", "tests.custom_model:TinyDiT"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("diffcaps convert: TinyDiT does not support 'weight_mapping': its capabilities declare no "
+                   "weight_mapping service (see TinyDiT.metadata())\n")
 
 
 def test_convert_runs_as_a_module_with_the_model_loadable_after(tmp_path: Path) -> None:

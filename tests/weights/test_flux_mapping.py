@@ -8,8 +8,10 @@ import torch
 from diffcaps.errors import CheckpointError
 from diffcaps.io import expected_tensors
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
-from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS, rope_axes
-from diffcaps.weights import TensorSpec, WeightMapper
+from diffcaps.models.flux._weight_mapping import rope_axes
+from diffcaps.weights.spec import TensorSpec, WeightMapper
+
+FLUX_WEIGHTS = FluxTransformer2DModel.declared_capabilities().weight_mapping
 
 # FLUX.1's published transformer configs (the ``transformer/config.json`` of each repository).
 FLUX1 = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
@@ -79,7 +81,7 @@ def test_inconsistent_width_is_a_clear_error() -> None:
 
 
 def test_flux_declares_weight_mapping_in_its_metadata() -> None:
-    assert isinstance(FluxTransformer2DModel.capabilities.weight_mapping, WeightMapper)
+    assert isinstance(FluxTransformer2DModel.declared_capabilities().weight_mapping, WeightMapper)
     row = FluxTransformer2DModel.metadata()["weight_mapping"]
     assert row.entries == ("flux-depth", "flux-dev", "flux-fill", "flux-schnell")
     assert row.value == "flux-depth, flux-dev, flux-fill, flux-schnell"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from diffcaps import Capabilities, Model, ModelConfig
+from diffcaps import Capabilities, Model, ModelConfig, capability
 from diffcaps.errors import CheckpointError
 from diffcaps.io import read_header
-from diffcaps.weights import (
+from diffcaps.weights.spec import (
     SWAP_HALVES,
     BlockCount,
     Const,
@@ -28,9 +28,8 @@ from diffcaps.weights import (
     TensorSpec,
     WeightMapper,
     WeightVariant,
-    load_single_file,
-    save_single_file,
 )
+from diffcaps.weights import load_single_file, save_single_file
 
 
 def test_split_cuts_in_proportion_and_concatenates_back() -> None:
@@ -163,15 +162,11 @@ TOY_WEIGHTS = WeightMapper(
 @final
 @attrs.frozen(kw_only=True)
 class ToyCapabilities(Capabilities):
-    weight_mapping: WeightMapper = attrs.field(
-        default=TOY_WEIGHTS, validator=attrs.validators.instance_of(WeightMapper)
-    )
+    weight_mapping: WeightMapper = capability(TOY_WEIGHTS)
 
 
 @final
-class Toy(Model[ToyConfig]):
-    config_class: ClassVar[type[ModelConfig]] = ToyConfig
-    capabilities: ClassVar[ToyCapabilities] = ToyCapabilities()
+class Toy(Model[ToyConfig, ToyCapabilities]):
 
     def __init__(self, config: ToyConfig) -> None:
         super().__init__(config)
@@ -217,7 +212,7 @@ def test_a_non_flux_variant_is_told_apart_by_shape(tmp_path: Path) -> None:
 
 
 def header_tensor(path: Path, key: str) -> Tensor:
-    from diffcaps.io._mapped import MappedSafetensors
+    from diffcaps.io import MappedSafetensors
 
     with MappedSafetensors(path) as file:
         return file.view(key).clone()

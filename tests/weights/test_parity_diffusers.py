@@ -63,7 +63,7 @@ def _wide_model(config: FluxConfig, pool: torch.Tensor) -> FluxTransformer2DMode
 
 
 def _diffusers_load(path: Path, config: FluxConfig, folder: Path) -> Any:
-    from diffusers import FluxTransformer2DModel as DiffusersFlux
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel as DiffusersFlux
 
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict()))

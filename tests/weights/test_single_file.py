@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffcaps.io import read_header
-from diffcaps.io._mapped import MappedSafetensors
+from diffcaps.io import MappedSafetensors, read_header
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.weights import load_single_file, save_single_file
 from tests.flux_fixtures import flux_inputs

@@ -1,4 +1,10 @@
-"""Reading and writing weights: safetensors files, diffusers folders, meta-device loading."""
+"""Reading and writing weights: safetensors files, diffusers folders, meta-device loading.
+
+What other packages build on: ``read_header`` and the memory-mapped readers for files,
+``find_weights``/``load_weights`` for diffusers folders, and the one safetensors writer
+(``save_safetensors`` for a dict, ``stream_safetensors``/``stream_shards`` for tensors
+produced one at a time, ``write_weights`` for a model folder).
+"""
 
 from diffcaps.io._folder import (
     CONFIG_NAME as CONFIG_NAME,
@@ -6,7 +12,6 @@ from diffcaps.io._folder import (
     WEIGHTS_NAME as WEIGHTS_NAME,
     WeightSource as WeightSource,
     find_weights as find_weights,
-    parse_size as parse_size,
     read_config as read_config,
     resolve_model_folder as resolve_model_folder,
 )
@@ -21,28 +26,37 @@ from diffcaps.io._safetensors import (
     SafetensorsHeader as SafetensorsHeader,
     TensorInfo as TensorInfo,
     read_header as read_header,
-    save_safetensors as save_safetensors,
 )
-from diffcaps.io._streaming import write_weights as write_weights
+from diffcaps.io._streaming import (
+    Progress as Progress,
+    TensorSlot as TensorSlot,
+    save_safetensors as save_safetensors,
+    stream_safetensors as stream_safetensors,
+    stream_shards as stream_shards,
+    write_weights as write_weights,
+)
 
 __all__ = [
     "CONFIG_NAME",
     "INDEX_NAME",
     "WEIGHTS_NAME",
     "MappedSafetensors",
+    "Progress",
     "SafetensorsHeader",
     "SafetensorsReader",
     "TensorInfo",
+    "TensorSlot",
     "WeightSource",
     "assign_tensor",
     "expected_tensors",
     "find_weights",
     "load_weights",
     "on_meta_device",
-    "parse_size",
     "read_config",
     "read_header",
     "resolve_model_folder",
     "save_safetensors",
+    "stream_safetensors",
+    "stream_shards",
     "write_weights",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Final
 
 import torch
@@ -35,7 +35,7 @@ def _skipping_meta(original: Callable[[torch.nn.Module], None]) -> Callable[[tor
 
 
 @contextlib.contextmanager
-def on_meta_device() -> Iterator[None]:
+def on_meta_device() -> Generator[None]:
     """Build modules without allocating or initialising their parameters.
 
     Inside, the common layers skip ``reset_parameters`` for parameters on the meta device
@@ -67,12 +67,11 @@ def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> Non
     """Replace the parameter or buffer called ``key`` with ``tensor`` (no copy)."""
     owner_path, _, name = key.rpartition(".")
     owner = model.get_submodule(owner_path)
-    if name in owner._parameters:
-        old = owner._parameters[name]
-        requires_grad = old.requires_grad if old is not None else True
-        owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
-    elif name in owner._buffers:
-        owner._buffers[name] = tensor
+    old = dict(owner.named_parameters(recurse=False)).get(name)
+    if old is not None:
+        setattr(owner, name, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
+    elif name in dict(owner.named_buffers(recurse=False)):
+        setattr(owner, name, tensor)  # nn.Module keeps it a buffer, persistent or not as before
     else:
         raise KeyError(key)
 

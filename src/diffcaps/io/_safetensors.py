@@ -2,8 +2,8 @@
 
 The header is parsed here, so that a file can be described (keys, shapes, dtypes) without
 reading a tensor, and so that a truncated or foreign file is named as such before
-``safetensors`` sees it. Writes go to a temporary file that replaces the target atomically,
-so a model memory-mapped from a file survives being saved over that same file.
+``safetensors`` sees it. ``publish`` moves a finished temporary file onto its target
+atomically, so a model memory-mapped from a file survives being saved over that same file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from diffcaps.errors import CheckpointError
 
-__all__ = ["SafetensorsHeader", "TensorInfo", "publish", "read_header", "save_safetensors"]
+__all__ = ["DTYPES", "SafetensorsHeader", "TensorInfo", "publish", "read_header"]
 
 DTYPES: Final[Mapping[str, torch.dtype]] = {
     "F64": torch.float64,
@@ -133,22 +133,3 @@ def publish(temporary: Path, path: Path) -> None:
     os.umask(mask)
     os.chmod(temporary, 0o666 & ~mask)
     os.replace(temporary, path)
-
-
-def save_safetensors(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write tensors to a safetensors file, atomically (a temporary file, then a rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    contiguous = {key: t.detach().contiguous() for key, t in tensors.items()}
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        save_file(contiguous, str(partial), metadata=dict(metadata or {"format": "pt"}))
-        publish(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)

@@ -1,9 +1,10 @@
-"""Write safetensors files one tensor at a time, so a conversion never holds all the weights.
+"""Write safetensors files one tensor at a time, so that a save never holds all the weights twice.
 
 The header is computed up front from each tensor's name, dtype and shape (a ``TensorSlot``);
 tensors are then produced in that order and written as they come. Files are written to a
 temporary name beside the target and renamed when complete, so a failure leaves nothing
-half-written under the target name.
+half-written under the target name. This is the only safetensors writer in diffcaps:
+``save_safetensors`` (a dict at once) and ``write_weights`` (a diffusers folder) use it too.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ from diffcaps.io._folder import INDEX_NAME, WEIGHTS_NAME, parse_size
 from diffcaps.io._safetensors import DTYPES, publish
 
 __all__ = [
+    "Progress",
     "TensorSlot",
-    "plan_shards",
-    "write_safetensors_stream",
-    "write_shard_index",
-    "write_sharded_stream",
+    "save_safetensors",
+    "stream_safetensors",
+    "stream_shards",
     "write_weights",
 ]
 
 _DTYPE_NAMES: Final[Mapping[torch.dtype, str]] = {dtype: name for name, dtype in DTYPES.items()}
 _ALIGN: Final = 8
 
-Progress = Callable[[int], None]
-"""Called with the number of bytes just written."""
+Progress = Callable[[int, int], None]
+"""Called with (bytes written so far, bytes to write in all)."""
 
 
 @attrs.frozen
@@ -86,31 +87,21 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
-def write_safetensors_stream(
-    path: str | os.PathLike[str],
-    slots: Sequence[TensorSlot],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    metadata: Mapping[str, str] | None = None,
-    progress: Progress | None = None,
-) -> Path:
-    """Write ``tensors`` (in ``slots`` order, names and shapes checked) as one safetensors file."""
-    return write_sharded_stream([(Path(path), slots)], tensors, metadata=metadata, progress=progress)[0]
-
-
-def write_sharded_stream(
+def _write_files(
     files: Sequence[tuple[Path, Sequence[TensorSlot]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
-    metadata: Mapping[str, str] | None = None,
-    progress: Progress | None = None,
+    metadata: Mapping[str, str] | None,
+    progress: Progress | None,
 ) -> list[Path]:
     """Write one stream of tensors across several files, each holding its slots in order."""
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     temporaries = [_temporary(path) for path, _ in files]
+    total = sum(slot.nbytes for _, slots in files for slot in slots)
+    done = 0
     try:
         with ExitStack() as stack:
-            for (path, slots), temporary in zip(files, temporaries, strict=True):
+            for (_, slots), temporary in zip(files, temporaries, strict=True):
                 handle = stack.enter_context(temporary.open("wb"))
                 handle.write(_header_bytes(slots, metadata))
                 for slot in slots:
@@ -121,8 +112,9 @@ def write_sharded_stream(
                         raise ValueError(f"expected tensor {slot.key!r} next, got {key!r}")
                     _write_tensor(handle, slot, tensor)
                     del tensor
+                    done += slot.nbytes
                     if progress is not None:
-                        progress(slot.nbytes)
+                        progress(done, total)
         leftover = next(stream, None)
         if leftover is not None:
             raise ValueError(f"tensor {leftover[0]!r} has no slot in the files being written")
@@ -134,15 +126,31 @@ def write_sharded_stream(
     return [path for path, _ in files]
 
 
-def plan_shards(
-    folder: Path, slots: Sequence[TensorSlot], *, max_shard_size: int | str
-) -> tuple[list[tuple[Path, list[TensorSlot]]], Path | None]:
-    """Split slots into diffusers-named shards of at most ``max_shard_size`` bytes each.
+def stream_safetensors(
+    path: str | os.PathLike[str],
+    slots: Sequence[TensorSlot],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``tensors`` (in ``slots`` order, names and shapes checked) as one safetensors file."""
+    return _write_files([(Path(path), slots)], tensors, metadata=metadata, progress=progress)[0]
 
-    Returns the files to write and, when there is more than one, the index path to write
-    with :func:`write_shard_index`.
-    """
-    limit = parse_size(max_shard_size)
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a dict of tensors as one safetensors file, atomically (widest dtypes first, aligned)."""
+    slots = sorted((TensorSlot(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()),
+                   key=lambda slot: -slot.dtype.itemsize)
+    return stream_safetensors(path, slots, ((slot.key, tensors[slot.key]) for slot in slots), metadata=metadata)
+
+
+def _plan_shards(folder: Path, slots: Sequence[TensorSlot], limit: int) -> list[tuple[Path, list[TensorSlot]]]:
     groups: list[list[TensorSlot]] = [[]]
     used = 0
     for slot in slots:
@@ -152,21 +160,39 @@ def plan_shards(
         groups[-1].append(slot)
         used += slot.nbytes
     if len(groups) == 1:
-        return [(folder / WEIGHTS_NAME, groups[0])], None
+        return [(folder / WEIGHTS_NAME, groups[0])]
     stem = WEIGHTS_NAME.removesuffix(".safetensors")
-    files = [
+    return [
         (folder / f"{stem}-{number:05d}-of-{len(groups):05d}.safetensors", group)
         for number, group in enumerate(groups, start=1)
     ]
-    return files, folder / INDEX_NAME
 
 
-def write_shard_index(index: Path, files: Sequence[tuple[Path, Sequence[TensorSlot]]]) -> None:
-    """Write the diffusers shard index that names each tensor's shard."""
+def _write_index(index: Path, files: Sequence[tuple[Path, Sequence[TensorSlot]]]) -> None:
     weight_map = {slot.key: path.name for path, slots in files for slot in slots}
     total = sum(slot.nbytes for _, slots in files for slot in slots)
     payload = {"metadata": {"total_size": total}, "weight_map": weight_map}
     index.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def stream_shards(
+    folder: Path,
+    slots: Sequence[TensorSlot],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    max_shard_size: int | str,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Write a diffusers weight layout: one file, or shards of at most ``max_shard_size`` plus an index.
+
+    Returns the files written, the index last when there is one.
+    """
+    files = _plan_shards(folder, slots, parse_size(max_shard_size))
+    written = _write_files(files, tensors, metadata=None, progress=progress)
+    if len(files) > 1:
+        _write_index(folder / INDEX_NAME, files)
+        written.append(folder / INDEX_NAME)
+    return written
 
 
 def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_size: int | str) -> list[Path]:
@@ -177,11 +203,7 @@ def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_
     """
     previous = {folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")}
     slots = [TensorSlot(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()]
-    files, index = plan_shards(folder, slots, max_shard_size=max_shard_size)
-    written = write_sharded_stream(files, state.items())
-    if index is not None:
-        write_shard_index(index, files)
-        written.append(index)
+    written = stream_shards(folder, slots, state.items(), max_shard_size=max_shard_size)
     for stale in previous - set(written):
         stale.unlink(missing_ok=True)
     return written

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Final
 
+from diffcaps.errors import UnknownModelError
 from diffcaps.model import Model
 
 __all__ = ["model_class", "model_names"]
 
-_REGISTRY = {"flux": ("diffcaps.models.flux", "FluxTransformer2DModel")}
+_REGISTRY: Final = {"flux": "diffcaps.models.flux:FluxTransformer2DModel"}
 
 
 def model_names() -> list[str]:
@@ -17,12 +19,26 @@ def model_names() -> list[str]:
 
 
 def model_class(name: str) -> type[Model[Any]]:
-    """The model class registered under ``name`` (its folder is imported on first use)."""
-    import importlib
+    """The model class called ``name``: a built-in short name (``flux``) or ``module:Class``.
 
+    The module is imported on first use. Raises :class:`~diffcaps.errors.UnknownModelError`
+    for an unknown name, a reference that does not import, or a class that is not a ``Model``.
+    """
+    reference = _REGISTRY.get(name, name)
+    module_name, colon, class_name = reference.partition(":")
+    if not colon:
+        raise UnknownModelError(
+            f"unknown model {name!r}; built-in models: {', '.join(model_names())} (or give module:Class)"
+        )
+    if not module_name or not class_name:
+        raise UnknownModelError(f"{name!r} is not a module:Class reference")
     try:
-        module_name, class_name = _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; built-in models: {', '.join(model_names())}") from None
-    cls: type[Model[Any]] = getattr(importlib.import_module(module_name), class_name)
-    return cls
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module's own code raised
+        raise UnknownModelError(f"cannot import {module_name!r} for {name!r}: {type(exc).__name__}: {exc}") from exc
+    found: object = getattr(module, class_name, None)
+    if found is None:
+        raise UnknownModelError(f"module {module_name!r} has no {class_name!r}")
+    if not (isinstance(found, type) and issubclass(found, Model)):
+        raise UnknownModelError(f"{name!r} is not a diffcaps Model subclass (got {found!r})")
+    return found

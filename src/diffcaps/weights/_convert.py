@@ -11,48 +11,52 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, final
+from typing import Any, Literal, final
 
 import attrs
 import torch
 from torch import Tensor
 
 from diffcaps.errors import CheckpointError
-from diffcaps.io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, expected_tensors, find_weights, read_config
-from diffcaps.io import read_header, resolve_model_folder
-from diffcaps.io._mapped import MappedSafetensors
-from diffcaps.io._safetensors import SafetensorsHeader
-from diffcaps.io._streaming import plan_shards, write_safetensors_stream, write_shard_index, write_sharded_stream
+from diffcaps.io import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    MappedSafetensors,
+    Progress,
+    SafetensorsHeader,
+    expected_tensors,
+    find_weights,
+    read_config,
+    read_header,
+    resolve_model_folder,
+    stream_safetensors,
+    stream_shards,
+)
+from diffcaps.protocols import SupportsWeightMapping
 from diffcaps.weights._service import MappingPlan, Step, WeightMapper
 from diffcaps.weights._single_file import (
     UnexpectedTensorsWarning,
-    _mapper,
-    _model_class,
     aligned,
     build_on_meta,
     check_against_model,
+    class_mapper,
     header_specs,
     output_plan,
     planned_slots,
 )
 from diffcaps.weights._variants import TensorSpec
 
-if TYPE_CHECKING:
-    from diffcaps.protocols import SupportsWeightMapping
-
-__all__ = ["Conversion", "convert"]
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes written so far, bytes to write)."""
+__all__ = ["ConversionReport", "convert"]
 
 
 @final
 @attrs.frozen(kw_only=True)
-class Conversion:
-    """What ``convert`` did."""
+class ConversionReport:
+    """What ``convert`` wrote: the layout and variant, the files, how many tensors and bytes."""
 
     source: Path
     target: Path
@@ -94,8 +98,7 @@ class _Tensors:
 
 def _folder_headers(folder: Path) -> dict[str, SafetensorsHeader]:
     source = find_weights(folder)
-    headers = {path: read_header(path) for path in source.files}
-    return {key: headers[path] for key, (path, _) in source.entries.items()}
+    return {key: source.headers[path] for key, (path, _) in source.entries.items()}
 
 
 def _prepare_target(target: Path, layout: str, overwrite: bool) -> None:
@@ -167,7 +170,7 @@ def convert(
     max_shard_size: int | str = "10GB",
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> Conversion:
+) -> ConversionReport:
     """Convert a checkpoint between the original single-file layout and a diffusers folder.
 
     ``source`` is a single file (original layout, with or without a prefix, or diffusers
@@ -176,8 +179,7 @@ def convert(
     ``max_shard_size``), a diffusers folder or file becomes one original-layout file, with
     ``prefix`` before every key. Names and shapes are checked against ``cls`` first.
     """
-    mapper = _mapper(cls)
-    model_class = _model_class(cls)
+    model_class, mapper = class_mapper(cls)
     source, target = Path(source), Path(target)
     if source.is_dir():
         folder = resolve_model_folder(source)
@@ -213,24 +215,12 @@ def convert(
                          where=str(target))
     second, slots = aligned(second, planned_slots(second, model_specs, torch_dtype, where=str(target)))
     _prepare_target(target, layout_out, overwrite)
-    total = sum(slot.nbytes for slot in slots)
-    written = [0]
-
-    def advance(nbytes: int) -> None:
-        written[0] += nbytes
-        if progress is not None:
-            progress(written[0], total)
-
     try:
         stream = _stream(first, second, tensors, torch_dtype)
         if layout_out == "original":
-            files = [write_safetensors_stream(target, slots, stream, progress=advance)]
+            files = [stream_safetensors(target, slots, stream, progress=progress)]
         else:
-            shards, index = plan_shards(target, slots, max_shard_size=max_shard_size)
-            files = write_sharded_stream(shards, stream, progress=advance)
-            if index is not None:
-                write_shard_index(index, shards)
-                files.append(index)
+            files = stream_shards(target, slots, stream, max_shard_size=max_shard_size, progress=progress)
             built = model_class.config_class.from_dict(config, source=source_label).to_dict()
             (target / CONFIG_NAME).write_text(json.dumps(built, indent=2) + "\n", encoding="utf-8")
             files.append(target / CONFIG_NAME)
@@ -238,8 +228,8 @@ def convert(
         tensors.close()
     if skipped:
         warnings.warn(UnexpectedTensorsWarning(str(source), skipped), stacklevel=2)
-    return Conversion(source=source, target=target, layout=layout_out, variant=variant_name,
-                      files=tuple(files), tensors=len(slots), nbytes=total, skipped=tuple(skipped))
+    return ConversionReport(source=source, target=target, layout=layout_out, variant=variant_name, files=tuple(files),
+                            tensors=len(slots), nbytes=sum(slot.nbytes for slot in slots), skipped=tuple(skipped))
 
 
 def _variant_of(mapper: WeightMapper, specs: Mapping[str, TensorSpec]) -> str | None:

@@ -13,15 +13,18 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 
-from diffcaps.errors import CheckpointError
-from diffcaps.io import expected_tensors, read_header
-from diffcaps.io._safetensors import SafetensorsHeader
-from diffcaps.weights._service import WeightMapper
-from diffcaps.weights._single_file import _model_class, build_on_meta, check_identified, header_specs
+from diffcaps.errors import CapabilityError, CheckpointError, DiffcapsError
+from diffcaps.io import SafetensorsHeader, expected_tensors, read_header
+from diffcaps.weights._service import Identification, WeightMapper
+from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
+from diffcaps.weights._variants import TensorSpec
+
+if TYPE_CHECKING:
+    from diffcaps.model import Model
 
 __all__ = ["FileReport", "Recogniser", "Recognition", "checkpoint_recogniser", "inspect_file"]
 
@@ -140,12 +143,19 @@ def _config_row(config: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in config.items())
 
 
+def _mapped(model_classes: Iterable[type[Any]]) -> list[tuple[type[Model[Any]], WeightMapper]]:
+    found: list[tuple[type[Model[Any]], WeightMapper]] = []
+    for cls in model_classes:
+        try:
+            found.append(class_mapper(cls))
+        except CapabilityError:
+            continue
+    return found
+
+
 def checkpoint_recogniser(model_classes: Iterable[type[Any]]) -> Recogniser:
     """A recogniser for model checkpoints of any of these classes that declare weight mapping."""
-    candidates = [
-        (cls, mapper) for cls in model_classes
-        if isinstance(mapper := getattr(getattr(cls, "capabilities", None), "weight_mapping", None), WeightMapper)
-    ]
+    candidates = _mapped(model_classes)
 
     def recognise(header: SafetensorsHeader) -> Recognition:
         specs = header_specs(header)
@@ -173,10 +183,11 @@ def checkpoint_recogniser(model_classes: Iterable[type[Any]]) -> Recogniser:
     return recognise
 
 
-def _fit(cls: type[Any], found: Any, mapper: WeightMapper, specs: Any, header: SafetensorsHeader) -> str:
+def _fit(cls: type[Model[Any]], found: Identification, mapper: WeightMapper, specs: Mapping[str, TensorSpec],
+         header: SafetensorsHeader) -> str:
     try:
-        model = build_on_meta(_model_class(cls), found.config, source=str(header.path))
+        model = build_on_meta(cls, found.config, source=str(header.path))
         check_identified(mapper, found, specs, expected_tensors(model), path=str(header.path), strict=True)
-    except (CheckpointError, TypeError) as exc:
+    except DiffcapsError as exc:  # a config the model refuses, keys or shapes that do not fit
         return f"does not load as is: {str(exc).removeprefix(str(header.path) + ': ')}"
     return f"every tensor has its place in {cls.__name__}"

@@ -13,62 +13,21 @@ same placeholders, so the tensors that a rule fuses or splits are grouped by the
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, Final, Literal, final
+from typing import Any, Literal, final
 
 import attrs
 from torch import Tensor
 
 from diffcaps.errors import CheckpointError, ShapeError
+from diffcaps.weights._patterns import KeyPattern
 from diffcaps.weights._transforms import IDENTITY, Inverted, Shape, Transform
 from diffcaps.weights._variants import TensorSpec, WeightVariant
 
-__all__ = ["Identification", "KeyPattern", "MappingPlan", "Rule", "Step", "WeightMapper", "WeightVariant"]
+__all__ = ["Identification", "MappingPlan", "Rule", "Step", "WeightMapper"]
 
 Layout = Literal["original", "diffusers"]
 Direction = Literal["to_model", "to_original"]
-
-_PLACEHOLDER: Final = re.compile(r"\{(\w+)\}")
-
-
-@final
-@attrs.frozen
-class KeyPattern:
-    """A tensor name with ``{name}`` placeholders, each matching one dotted component."""
-
-    text: str
-    names: tuple[str, ...] = attrs.field(init=False)
-    head: str | None = attrs.field(init=False)
-    _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)
-
-    @names.default
-    def _names(self) -> tuple[str, ...]:
-        found = tuple(_PLACEHOLDER.findall(self.text))
-        if len(set(found)) != len(found):
-            raise ValueError(f"pattern {self.text!r} repeats a placeholder")
-        return found
-
-    @head.default
-    def _head(self) -> str | None:
-        first = self.text.split(".", 1)[0]
-        return None if _PLACEHOLDER.search(first) else first
-
-    @_regex.default
-    def _compile(self) -> re.Pattern[str]:
-        parts = _PLACEHOLDER.split(self.text)
-        regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^.]+)" for i, p in enumerate(parts))
-        return re.compile(regex)
-
-    def match(self, key: str) -> tuple[tuple[str, str], ...] | None:
-        """The placeholder values if ``key`` matches, else ``None``."""
-        found = self._regex.fullmatch(key)
-        return None if found is None else tuple((name, found.group(name)) for name in self.names)
-
-    def format(self, values: Mapping[str, str]) -> str:
-        """The key these placeholder values give."""
-        return self.text.format_map(values)
-
 
 def _patterns(value: str | Sequence[str]) -> tuple[KeyPattern, ...]:
     return tuple(KeyPattern(v) for v in ((value,) if isinstance(value, str) else value))
@@ -240,16 +199,13 @@ class WeightMapper:
     variants: tuple[WeightVariant, ...] = attrs.field(validator=_check_variants)
     prefixes: tuple[str, ...] = attrs.field(default=(), converter=_prefixes)
     layer_counts: Mapping[str, str] = attrs.field(factory=dict, converter=_labels, eq=False, hash=False)
-    _to_model: _Index = attrs.field(init=False, repr=False, eq=False)
-    _to_original: _Index = attrs.field(init=False, repr=False, eq=False)
-
-    @_to_model.default
-    def _build_to_model(self) -> _Index:
-        return _index(self.rules, "to_model")
-
-    @_to_original.default
-    def _build_to_original(self) -> _Index:
-        return _index(self.rules, "to_original")
+    _to_model: _Index = attrs.field(
+        init=False, repr=False, eq=False, default=attrs.Factory(lambda m: _index(m.rules, "to_model"), takes_self=True)
+    )
+    _to_original: _Index = attrs.field(
+        init=False, repr=False, eq=False,
+        default=attrs.Factory(lambda m: _index(m.rules, "to_original"), takes_self=True),
+    )
 
     def entries(self) -> tuple[str, ...]:
         """The variant names, sorted (the metadata row)."""

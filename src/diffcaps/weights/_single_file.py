@@ -20,22 +20,42 @@ import attrs
 import torch
 from torch import Tensor
 
-from diffcaps.errors import CheckpointError, ShapeError
-from diffcaps.io import assign_tensor, expected_tensors, on_meta_device, read_header
-from diffcaps.io._mapped import MappedSafetensors
-from diffcaps.io._safetensors import SafetensorsHeader
-from diffcaps.io._streaming import TensorSlot, write_safetensors_stream
+from diffcaps.errors import CapabilityError, CheckpointError, ShapeError
+from diffcaps.io import (
+    MappedSafetensors,
+    SafetensorsHeader,
+    TensorSlot,
+    assign_tensor,
+    expected_tensors,
+    on_meta_device,
+    read_header,
+    stream_safetensors,
+)
+from diffcaps.protocols import SupportsWeightMapping, require
 from diffcaps.weights._service import Identification, MappingPlan, Step, WeightMapper
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
     from diffcaps.model import Model
-    from diffcaps.protocols import SupportsWeightMapping
 
-__all__ = ["UnexpectedTensorsWarning", "load_single_file", "save_single_file"]
+__all__ = [
+    "UnexpectedTensorsWarning",
+    "aligned",
+    "build_on_meta",
+    "check_against_model",
+    "check_identified",
+    "class_mapper",
+    "fill_from_file",
+    "header_specs",
+    "load_single_file",
+    "output_plan",
+    "planned_slots",
+    "produce",
+    "save_single_file",
+]
 
 
-M = TypeVar("M", bound="SupportsWeightMapping")
+M = TypeVar("M", bound=SupportsWeightMapping)
 
 
 class UnexpectedTensorsWarning(UserWarning):
@@ -53,20 +73,17 @@ def header_specs(header: SafetensorsHeader) -> dict[str, TensorSpec]:
     return {key: TensorSpec(shape=info.shape, dtype=info.dtype) for key, info in header.tensors.items()}
 
 
-def _mapper(model: object) -> WeightMapper:
-    from diffcaps.protocols import require  # protocols imports this package's service
-
-    _, mapper = require(model, "weight_mapping")  # type: ignore[call-overload]
-    assert isinstance(mapper, WeightMapper)
-    return mapper
-
-
-def _model_class(cls: object) -> type[Model[Any]]:
-    from diffcaps.model import Model
+def class_mapper(cls: object) -> tuple[type[Model[Any]], WeightMapper]:
+    """A model class and the weight mapping it declares (``CapabilityError`` when it is no such class)."""
+    from diffcaps.model import Model  # a real cycle: Model's capabilities import this package's spec
 
     if not (isinstance(cls, type) and issubclass(cls, Model)):
-        raise TypeError(f"load_single_file takes a diffcaps model class, got {cls!r}")
-    return cls
+        raise CapabilityError(getattr(cls, "__name__", type(cls).__name__),
+                              "weight_mapping (pass a diffcaps model class)")
+    mapper = cls.declared_capabilities().weight_mapping
+    if mapper is None:
+        raise CapabilityError(cls.__name__, "weight_mapping")
+    return cls, mapper
 
 
 def build_on_meta(cls: type[Model[Any]], config: Mapping[str, Any], *, source: str) -> Model[Any]:
@@ -204,8 +221,7 @@ def load_single_file(
     has no place for are an error unless ``strict=False``, which loads without them and
     warns with an :class:`UnexpectedTensorsWarning`.
     """
-    mapper = _mapper(cls)
-    model_class = _model_class(cls)
+    model_class, mapper = class_mapper(cls)
     where = str(path)
     header = read_header(path)
     specs = header_specs(header)
@@ -216,13 +232,6 @@ def load_single_file(
     if unexpected:
         warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=2)
     return cast(M, model.eval())  # model_class is cls, narrowed at run time
-
-
-def _state_of(model: object) -> dict[str, Tensor]:
-    if isinstance(model, type) or not isinstance(model, torch.nn.Module):
-        raise TypeError(f"save_single_file takes a model instance, got {model!r}")
-    state: dict[str, Tensor] = model.state_dict()
-    return state
 
 
 def output_plan(
@@ -309,10 +318,10 @@ def save_single_file(
     an fp8 file). Tensors are converted and written one at a time; the file appears under
     its name only once complete.
     """
-    mapper = _mapper(model)
-    state = _state_of(model)
+    module, mapper = require(model, "weight_mapping")
+    state: dict[str, Tensor] = module.state_dict()
     where = str(path)
     plan = output_plan(mapper, list(state), layout, prefix=prefix, where=where)
     specs = {key: TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for key, t in state.items()}
     plan, slots = aligned(plan, planned_slots(plan, specs, torch_dtype, where=where))
-    return write_safetensors_stream(path, slots, produce(plan, state.__getitem__, torch_dtype))
+    return stream_safetensors(path, slots, produce(plan, state.__getitem__, torch_dtype))

@@ -9,13 +9,13 @@ header without reading a tensor, at any width or depth.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, final
 
 import attrs
 import torch
 
+from diffcaps.weights._patterns import KeyPattern
 from diffcaps.weights._transforms import Shape
 
 __all__ = [
@@ -202,11 +202,11 @@ class Present:
         return (self.key,)
 
 
-def _block_pattern(pattern: str) -> re.Pattern[str]:
-    if pattern.count("{n}") != 1:
-        raise ValueError(f"a block pattern needs exactly one {{n}}, got {pattern!r}")
-    before, after = pattern.split("{n}")
-    return re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(?:\.|$)")
+def _block_pattern(pattern: str) -> KeyPattern:
+    compiled = KeyPattern(pattern)
+    if len(compiled.names) != 1:
+        raise ValueError(f"a block pattern needs exactly one placeholder such as {{n}}, got {pattern!r}")
+    return compiled
 
 
 @final
@@ -217,16 +217,17 @@ class BlockCount:
     A gap in the numbering therefore shows up as that block's tensors being missing.
     """
 
-    pattern: str = attrs.field()
-    _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)
-
-    @_regex.default
-    def _compile(self) -> re.Pattern[str]:
-        return _block_pattern(self.pattern)
+    pattern: str
+    _compiled: KeyPattern = attrs.field(
+        init=False, repr=False, eq=False, default=attrs.Factory(lambda b: _block_pattern(b.pattern), takes_self=True)
+    )
 
     def read(self, tensors: Tensors) -> int:
         """The count (0 when there are none)."""
-        indices = [int(m.group(1)) for key in tensors if (m := self._regex.match(key))]
+        indices = [
+            int(values[0][1]) for key in tensors
+            if (values := self._compiled.match_start(key)) is not None and values[0][1].isdigit()
+        ]
         return max(indices) + 1 if indices else 0
 
     def keys(self) -> tuple[str, ...]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from diffcaps.weights import (
+from diffcaps.weights.spec import (
     SWAP_HALVES,
     BlockCount,
+    ConfigReader,
     Const,
     Derived,
     Dim,
@@ -26,7 +27,6 @@ from diffcaps.weights import (
     WeightMapper,
     WeightVariant,
 )
-from diffcaps.weights._variants import ConfigReader
 
 __all__ = ["FLUX_WEIGHTS", "rope_axes"]
 
