@@ -129,8 +129,6 @@ class ParamPatch:
     source: str = ""
 
 
-
-
 ADAPTER_METADATA_KEY: Final = "lora_adapter_metadata"
 """The safetensors header entry where diffusers keeps an adapter's peft config (JSON)."""
 
@@ -156,6 +154,7 @@ PATCH_SUFFIXES: Final[Mapping[str, str]] = {"diff": "diff", "diff_b": "diff_b", 
 _LORA_ROLES: Final = frozenset({"down", "up", "bias"})
 _LOKR_ROLES: Final = frozenset(r for r in LYCORIS_SUFFIXES if r.startswith("lokr_"))
 _LOHA_ROLES: Final = frozenset(r for r in LYCORIS_SUFFIXES if r.startswith("hada_"))
+
 
 def _as_float(value: Tensor | float) -> float:
     return float(value.item() if isinstance(value, Tensor) else value)

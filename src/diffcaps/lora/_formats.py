@@ -53,6 +53,7 @@ __all__ = [
     "diffusers_peft",
     "model_linears",
     "module_table",
+    "table_resolver",
 ]
 
 
@@ -365,14 +366,21 @@ def module_table(model: nn.Module) -> dict[str, ModulePlacement]:
     return table
 
 
-def _peft_resolver(prefixes: tuple[str, ...]) -> Callable[[nn.Module], Resolver]:
+def table_resolver(table: Callable[[nn.Module], Mapping[str, ModulePlacement]], prefixes: Sequence[str], *,
+                   flatten: bool = False) -> Callable[[nn.Module], Resolver]:
+    """A resolver that looks a file's module name up in ``table(model)`` once one of ``prefixes`` is cut off.
+
+    ``flatten`` matches names whose dots the trainer wrote as underscores (kohya's
+    ``lora_unet_double_blocks_0_img_attn_qkv``). Names it does not find resolve to ``None``.
+    """
     def build(model: nn.Module) -> Resolver:
-        table = module_table(model)
+        built = table(model)
+        names = {name.replace(".", "_"): p for name, p in built.items()} if flatten else built
 
         def resolve(name: str) -> ModulePlacement | None:
             for prefix in prefixes:
-                if name.startswith(prefix) and name[len(prefix):] in table:
-                    return table[name[len(prefix):]]
+                if name.startswith(prefix) and name[len(prefix):] in names:
+                    return names[name[len(prefix):]]
             return None
 
         return resolve
@@ -408,7 +416,7 @@ def diffusers_peft(*, name: str = "diffusers", prefixes: Sequence[str] = _PEFT_P
     return KeyFormat(
         name=name,
         detector=_peft_detector(prefix_tuple, root_tuple),
-        resolver=_peft_resolver(prefix_tuple),
+        resolver=table_resolver(module_table, prefix_tuple),
         suffixes=dict(LORA_SUFFIXES),
         raw_params=frozenset({"weight"}),
         scale=lambda metadata: metadata_scale(metadata, component),

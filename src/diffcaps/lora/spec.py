@@ -66,6 +66,7 @@ from diffcaps.lora._formats import (
     diffusers_peft as diffusers_peft,
     model_linears as model_linears,
     module_table as module_table,
+    table_resolver as table_resolver,
 )
 
 __all__ = [
@@ -96,4 +97,5 @@ __all__ = [
     "module_table",
     "split_target",
     "swap_halves",
+    "table_resolver",
 ]

@@ -35,6 +35,7 @@ from diffcaps.lora.spec import (
     join_lora,
     model_linears,
     module_table,
+    table_resolver,
 )
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
 from diffcaps.weights.spec import SWAP_HALVES, KeyPattern
@@ -116,13 +117,6 @@ def bfl_table(model: nn.Module) -> dict[str, ModulePlacement]:
     return table
 
 
-def _strip(key: str, prefixes: Collection[str]) -> str | None:
-    for prefix in prefixes:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return None
-
-
 def _rooted(keys: Collection[str], prefixes: Collection[str], roots: tuple[str, ...]) -> bool:
     for key in keys:
         for prefix in prefixes:
@@ -134,42 +128,12 @@ def _rooted(keys: Collection[str], prefixes: Collection[str], roots: tuple[str, 
 # --- resolvers: a file's module name → placement --------------------------------------------
 
 def _dotted_bfl(prefixes: Collection[str]) -> Callable[[nn.Module], Resolver]:
-    def build(model: nn.Module) -> Resolver:
-        table = bfl_table(model)
-
-        def resolve(name: str) -> ModulePlacement | str | None:
-            for prefix in prefixes:
-                if name.startswith(prefix) and name[len(prefix):] in table:
-                    return table[name[len(prefix):]]
-            return None
-
-        return resolve
-
-    return build
+    return table_resolver(bfl_table, tuple(prefixes))
 
 
-def _flattened(table: Mapping[str, ModulePlacement]) -> dict[str, ModulePlacement]:
-    return {name.replace(".", "_"): placement for name, placement in table.items()}
-
-
-def _kohya(model: nn.Module) -> Resolver:
-    table = _flattened(bfl_table(model))
-
-    def resolve(name: str) -> ModulePlacement | None:
-        rest = _strip(name, ("lora_unet_",))
-        return table.get(rest) if rest is not None else None
-
-    return resolve
-
-
-def _onetrainer(model: nn.Module) -> Resolver:
-    table = _flattened(module_table(model))
-
-    def resolve(name: str) -> ModulePlacement | None:
-        rest = _strip(name, ("lora_transformer_",))
-        return table.get(rest) if rest is not None else None
-
-    return resolve
+_kohya = table_resolver(bfl_table, ("lora_unet_",), flatten=True)
+_onetrainer = table_resolver(module_table, ("lora_transformer_",), flatten=True)
+_lycoris_diffusers = table_resolver(module_table, ("lycoris_",), flatten=True)
 
 
 _XLABS_NAME: Final = re.compile(r"(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)$")
@@ -210,16 +174,6 @@ def _lycoris(model: nn.Module) -> Resolver:
             if placement is not None:
                 return placement
         return None
-
-    return resolve
-
-
-def _lycoris_diffusers(model: nn.Module) -> Resolver:
-    table = _flattened(module_table(model))
-
-    def resolve(name: str) -> ModulePlacement | None:
-        rest = _strip(name, ("lycoris_",))
-        return table.get(rest) if rest is not None else None
 
     return resolve
 
