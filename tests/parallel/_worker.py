@@ -214,10 +214,10 @@ def _cache_checks(rank: int) -> dict[str, Any]:
     for name, (case, kind, order) in CACHE_CASES.items():
         model = build_model(case)
 
-        def parallel(model: FluxTransformer2DModel = model, case: Case = case) -> None:
+        def split(model: FluxTransformer2DModel = model, case: Case = case) -> None:
             parallel.enable(model, ContextParallelConfig(ulysses_degree=case.ulysses, ring_degree=case.ring,
                                                          timeout=60))
-        results[name] = cached_steps(model, case, kind, parallel, order)
+        results[name] = cached_steps(model, case, kind, split, order)
         disable(model)
     return results
 
