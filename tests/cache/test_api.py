@@ -99,16 +99,16 @@ def test_only_one_cache_at_a_time() -> None:
     (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=(1, 2, 3)), "timestep range"),
     (lambda: cache.TaylorSeerCacheConfig(cache_interval=0), "cache_interval"),
     (lambda: cache.TaylorSeerCacheConfig(taylor_factors_dtype=torch.int8), "floating dtype"),
-    (lambda: cache.FirstBlockCacheConfig(threshold="0.1"), "threshold must be a number, got str"),
-    (lambda: cache.MagCacheConfig(threshold="high", calibrate=True), "threshold must be a number"),
-    (lambda: cache.MagCacheConfig(num_inference_steps=2.5, calibrate=True), "num_inference_steps must be an integer"),
-    (lambda: cache.MagCacheConfig(mag_ratios={"cond": (1.0,)}, num_inference_steps=1), "not a mapping by context"),
-    (lambda: cache.MagCacheConfig(mag_ratios=["a"], num_inference_steps=1), "sequence of numbers"),
-    (lambda: cache.TaylorSeerCacheConfig(cache_interval=1.5), "cache_interval must be an integer"),
-    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range="2"), "must be an integer"),
-    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=[5]), "list of strings"),
-    (lambda: cache.FasterCacheConfig(alpha_low_frequency="1.1"), "alpha_low_frequency must be a number"),
-    (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=("a", "b")), "two numbers"),
+    (lambda: cache.FirstBlockCacheConfig(threshold="0.1"), "threshold must be a number, got str"),  # type: ignore[arg-type]
+    (lambda: cache.MagCacheConfig(threshold="high", calibrate=True), "threshold must be a number"),  # type: ignore[arg-type]
+    (lambda: cache.MagCacheConfig(num_inference_steps=2.5, calibrate=True), "num_inference_steps must be an integer"),  # type: ignore[arg-type]
+    (lambda: cache.MagCacheConfig(mag_ratios={"cond": (1.0,)}, num_inference_steps=1), "not a mapping by context"),  # type: ignore[arg-type]
+    (lambda: cache.MagCacheConfig(mag_ratios=["a"], num_inference_steps=1), "sequence of numbers"),  # type: ignore[list-item]
+    (lambda: cache.TaylorSeerCacheConfig(cache_interval=1.5), "cache_interval must be an integer"),  # type: ignore[arg-type]
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range="2"), "must be an integer"),  # type: ignore[arg-type]
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=[5]), "list of strings"),  # type: ignore[list-item]
+    (lambda: cache.FasterCacheConfig(alpha_low_frequency="1.1"), "alpha_low_frequency must be a number"),  # type: ignore[arg-type]
+    (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=("a", "b")), "two numbers"),  # type: ignore[arg-type]
 ])
 def test_bad_configs_are_refused_when_built(build: Any, message: str) -> None:
     with pytest.raises(CacheError, match=message):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import torch
 from torch import nn
@@ -41,8 +41,9 @@ def enable(model: SupportsGradientCheckpointing, config: CheckpointingConfig | N
     Enabling again replaces the config in force.
     """
     config = CheckpointingConfig() if config is None else config
-    if not isinstance(config, CheckpointingConfig):
-        raise TypeError(f"expected a CheckpointingConfig, got {type(config).__name__}")
+    given = cast(object, config)
+    if not isinstance(given, CheckpointingConfig):
+        raise TypeError(f"expected a CheckpointingConfig, got {type(given).__name__}")
     for block in _blocks(model):
         if get_hook(block, HOOK_NAME) is not None:
             remove_hook(block, HOOK_NAME)

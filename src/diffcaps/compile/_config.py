@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, final
+from typing import Any, cast, final
 
 import attrs
 
@@ -28,5 +28,6 @@ class RegionalCompileConfig:
     options: Mapping[str, Any] | None = attrs.field(default=None, converter=_options)
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.backend, str) or not self.backend:
+        backend = cast(object, self.backend)
+        if not isinstance(backend, str) or not backend:
             raise CompileError(f"RegionalCompileConfig.backend must be a backend name, got {self.backend!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from torch import nn
 
@@ -28,8 +28,9 @@ def enable(model: SupportsRepeatedBlocks, config: RegionalCompileConfig | None =
     model's. Enabling again recompiles with the new config.
     """
     config = RegionalCompileConfig() if config is None else config
-    if not isinstance(config, RegionalCompileConfig):
-        raise TypeError(f"expected a RegionalCompileConfig, got {type(config).__name__}")
+    given = cast(object, config)
+    if not isinstance(given, RegionalCompileConfig):
+        raise TypeError(f"expected a RegionalCompileConfig, got {type(given).__name__}")
     module, blocks = _blocks(model)
     options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
     if config.mode is not None:

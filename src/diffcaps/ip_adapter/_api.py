@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -28,7 +29,7 @@ def _service(model: SupportsIPAdapter) -> tuple[IPAdapterSupport, nn.Module]:
 def _read(source: Source) -> tuple[dict[str, Tensor], str]:
     if isinstance(source, Mapping):
         tensors: dict[str, Tensor] = {}
-        entries: Iterable[tuple[object, object]] = source.items()
+        entries = cast(Iterable[tuple[object, object]], source.items())
         for key, value in entries:
             if not isinstance(key, str) or not isinstance(value, Tensor):
                 raise FormatError(f"an IP-Adapter state dict maps names to tensors, got {key!r}: {type(value).__name__}")
@@ -49,7 +50,7 @@ def load(model: SupportsIPAdapter, source: Source, *, adapter_name: str = "defau
     embedding tensor per adapter in that order. A file that does not fit leaves the model as it was.
     """
     service, module = _service(model)
-    name: object = adapter_name
+    name = cast(object, adapter_name)
     if not isinstance(name, str) or not name:
         raise IPAdapterError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     loaded = service.adapter_names(module)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import final
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffcaps.errors import ParallelError
@@ -86,9 +85,9 @@ class ContextParallelKernel:
         what = f"attention in {self.name}"
         lengths = session.lengths(query.shape[1], what, query.device)
         heads = query.shape[2]
+        mine = [lengths[ring.index * ulysses.size + u] for u in range(ulysses.size)]
+        head_sizes = list(shard_sizes(heads, ulysses.size))
         if ulysses.size > 1:
-            mine = [lengths[ring.index * ulysses.size + u] for u in range(ulysses.size)]
-            head_sizes = list(shard_sizes(heads, ulysses.size))
             stacked = torch.stack([query, key, value])
             stacked = _scatter_heads(session, stacked, mine, head_sizes, ulysses, what)
             query, key, value = stacked.unbind(0)
@@ -139,11 +138,12 @@ def _ring(session: Session, query: Tensor, key: Tensor, value: Tensor, blocks: l
           what: str) -> Tensor:
     """Ring attention: each step attends to one rank's K/V while the next block travels."""
     q = query.transpose(1, 2)
-    batch, heads, _, dim = q.shape
+    batch, heads = q.shape[0], q.shape[1]
     kv = torch.stack([key, value]).contiguous()
     total: Tensor | None = None
     total_lse: Tensor | None = None
     for step in range(axis.size):
+        incoming: Tensor | None = None
         works = None
         if step < axis.size - 1:
             origin = (axis.index - step - 1) % axis.size
@@ -152,7 +152,7 @@ def _ring(session: Session, query: Tensor, key: Tensor, value: Tensor, blocks: l
         k, v = kv.unbind(0)
         out, lse = attention_with_lse(q, k.transpose(1, 2), v.transpose(1, 2))
         total, total_lse = merge_partials(total, total_lse, out, lse)
-        if works is not None:
+        if works is not None and incoming is not None:
             session.comm.wait(works, f"{what} (ring K/V pass, step {step + 1} of {axis.size - 1})", axis.group)
             kv = incoming
     assert total is not None

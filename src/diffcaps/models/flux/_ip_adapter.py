@@ -311,14 +311,14 @@ def _prepare(adapter: XLabsIPAdapter, attentions: Sequence[FluxAttention], train
 
 
 def _projections(model: nn.Module) -> ImagePromptProjections | None:
-    found = model._modules.get(PROJECTION_SLOT)
+    found = dict(model.named_children()).get(PROJECTION_SLOT)
     if found is None or isinstance(found, ImagePromptProjections):
         return found
     raise IPAdapterError(f"the model's {PROJECTION_SLOT} is a {type(found).__name__}, not IP-Adapter projections")
 
 
 def _processor(attention: FluxAttention) -> ImagePromptAttention | None:
-    found = attention._modules.get(PROCESSOR)
+    found = dict(attention.named_children()).get(PROCESSOR)
     if found is None or isinstance(found, ImagePromptAttention):
         return found
     raise IPAdapterError(f"a double block's attention already has a {PROCESSOR} ({type(found).__name__})")
@@ -404,7 +404,7 @@ class FluxIPAdapter:
         if len(slots) == len(projections.adapter_names):
             delattr(model, PROJECTION_SLOT)
             for attention in _double_attention(model):
-                if PROCESSOR in attention._modules:
+                if PROCESSOR in dict(attention.named_children()):
                     delattr(attention, PROCESSOR)
             return
         processors = _loaded_processors(model)
