@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ def timesteps(steps: int = STEPS) -> Tensor:
 
 
 @contextmanager
-def call_log(model: nn.Module, suffixes: tuple[str, ...]) -> Iterator[list[str]]:
+def call_log(model: nn.Module, suffixes: tuple[str, ...]) -> Generator[list[str]]:
     """Log the names of the modules ending in ``suffixes`` as they run (standard torch hooks)."""
     log: list[str] = []
     handles = []

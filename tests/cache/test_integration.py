@@ -88,7 +88,7 @@ def test_compiled_model_with_a_cache_gives_the_same_result(config: Any) -> None:
     inputs = flux_inputs(TINY, height=8, width=8)
     model = seeded_model(TINY)
     cache.enable(model, config)
-    eager, eager_ran = denoise(model, inputs, _ours_enter(model), steps=10)
+    eager, _ = denoise(model, inputs, _ours_enter(model), steps=10)
     eager_stats = cache.stats(model)
     cache.disable(model)
     torch._dynamo.reset()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_faster_cache_unconditional_branch_matches_diffusers() -> None:
     ours = seeded_toy()
     theirs = copy.deepcopy(ours)
     clock = {"t": 0.0}
-    hooks.apply_faster_cache(theirs, hooks.FasterCacheConfig(**FASTER, current_timestep_callback=lambda: clock["t"]))
+    hooks.apply_faster_cache(theirs, hooks.FasterCacheConfig(**FASTER, current_timestep_callback=cast(Callable[[], int], lambda: clock["t"])))
     cache.enable(ours, cache.FasterCacheConfig(**FASTER))
 
     latents, batches = _guided_loop(ours, ours=True, clock=clock)

@@ -73,7 +73,7 @@ class DiffusersIPAdapter:
 
     def __init__(self, transformer: Any) -> None:
         self.transformer = transformer
-        self._pipe = types.SimpleNamespace(transformer=transformer)
+        self._pipe: Any = types.SimpleNamespace(transformer=transformer)  # the one attribute the loaders read
 
     def load(self, *files: Path) -> None:
         """Load the files (one folder) as diffusers does, all at once, in order."""

@@ -43,7 +43,7 @@ def _with_lora() -> tuple[FluxTransformer2DModel, torch.Tensor]:
 
 @pytest.mark.parametrize("order", ["lora-first", "casting-first"])
 def test_lora_and_casting(order: str) -> None:
-    reference, expected = _with_lora()
+    _, expected = _with_lora()
     model = seeded_model(TINY)
     if order == "lora-first":
         lora.load_adapter(model, _peft_lora(model), adapter_name="style")

@@ -68,7 +68,7 @@ def test_only_the_running_group_is_onloaded(tmp_path: Path) -> None:
         seen.append(tuple(_resident(b) for b in blocks))
 
     for block in blocks:
-        block.attn.register_forward_hook(probe)
+        block.get_submodule("attn").register_forward_hook(probe)
     _out(model)
     assert seen == [tuple(i == j for j in range(4)) for i in range(4)]
 

@@ -279,6 +279,7 @@ def _failure_checks(rank: int) -> dict[str, Any]:
     with torch.no_grad():
         before = model(**inputs).sample
     parallel.enable(model, ContextParallelConfig(ring_degree=2, timeout=60))
+    handle = None
     if rank == 1:
         def boom(module: nn.Module, args: Any) -> None:
             raise ValueError("injected failure on rank 1")
@@ -291,7 +292,7 @@ def _failure_checks(rank: int) -> dict[str, Any]:
         checks["failure"] = f"RankFailure rank={error.rank} failed={error.failed}: {error}"
     except ValueError as error:
         checks["failure"] = f"ValueError: {error} | notes={getattr(error, '__notes__', [])}"
-    if rank == 1:
+    if handle is not None:
         handle.remove()
     checks["after-failure"] = _expect(ParallelError, lambda: model(**inputs))
     disable(model)

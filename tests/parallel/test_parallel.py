@@ -95,7 +95,7 @@ def test_misuse_is_refused_before_any_communication(two_ranks: list[dict[str, An
     assert rank0["too-short"].startswith("ok:") and "fewer than the 2 ranks" in rank0["too-short"]
     assert rank0["stream-mismatch"].startswith("ok:") and "img_ids" in rank0["stream-mismatch"]
     expected = reference(Case(ulysses=2, height=3, width=3, text=5))
-    for rank, results in enumerate(two_ranks):
+    for results in two_ranks:
         checks = results["misuse"]
         assert "error" not in checks, checks.get("error")
         assert checks["enable-twice"].startswith("ok:") and "already enabled" in checks["enable-twice"]

@@ -56,7 +56,7 @@ def test_merged_partial_attention_equals_attention_over_all_keys() -> None:
     total = total_lse = None
     for keys, values in zip(k.tensor_split([2, 3], dim=2), v.tensor_split([2, 3], dim=2), strict=True):
         out, lse = attention_with_lse(q, keys, values)
-        total, total_lse = merge_partials(total, total_lse, out, lse)
+        total, _ = merge_partials(total, total_lse, out, lse)
     assert total is not None and total_lse is not None
     torch.testing.assert_close(total, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-6)
     torch.testing.assert_close(total_lse, torch.logsumexp(q @ k.transpose(-1, -2) / 4, dim=-1), rtol=0, atol=1e-5)
@@ -66,7 +66,7 @@ def test_attention_with_lse_on_empty_pieces() -> None:
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
     out, lse = attention_with_lse(q, k[:, :, :0], k[:, :, :0])
     assert torch.equal(out, torch.zeros(1, 2, 3, 4)) and bool(torch.isneginf(lse).all())
-    total, total_lse = merge_partials(*attention_with_lse(q, k, k), out, lse)
+    total, _ = merge_partials(*attention_with_lse(q, k, k), out, lse)
     torch.testing.assert_close(total, F.scaled_dot_product_attention(q, k, k), rtol=0, atol=1e-6)
     empty, empty_lse = attention_with_lse(q[:, :0], k[:, :0], k[:, :0])
     assert empty.shape == (1, 0, 3, 4) and empty_lse.shape == (1, 0, 3)
@@ -135,7 +135,7 @@ def test_a_module_replaced_after_enabling_is_refused() -> None:
 def test_a_kernel_already_replaced_is_refused() -> None:
     model = build_model(Case())
     attention = model.single_transformer_blocks[1].attn
-    attention.__dict__["kernel"] = lambda q, k, v: q
+    setattr(attention, "kernel", lambda q, k, v: q)  # an instance attribute, as a feature would set
     with pytest.raises(ParallelError, match="already replaced"):
         parallel.enable(model)
     assert parallel.active(model) is None and hook_names(model) == ()

@@ -13,6 +13,8 @@ from diffcaps.slots import InstanceSlot
 __all__ = ["active", "disable", "enable"]
 
 _SLOT: Final = InstanceSlot("regional_compile", RegionalCompileConfig)
+_COMPILED: Final = "_compiled_call_impl"
+"""Where ``nn.Module.compile()`` keeps the compiled call; clearing it is how torch's own tests undo it."""
 
 
 def _blocks(model: SupportsRepeatedBlocks) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
@@ -47,13 +49,13 @@ def disable(model: SupportsRepeatedBlocks) -> None:
     """Run the repeated blocks eagerly again (nothing happens if they are not compiled)."""
     module, blocks = _blocks(model)
     for _, block in blocks:
-        block._compiled_call_impl = None
+        setattr(block, _COMPILED, None)  # torch has no public inverse of Module.compile()
     _SLOT.clear(module)
 
 
 def active(model: SupportsRepeatedBlocks) -> RegionalCompileConfig | None:
     """The config the repeated blocks are compiled with, or ``None`` when they run eagerly."""
     module, blocks = _blocks(model)
-    if any(block._compiled_call_impl is None for _, block in blocks):
+    if any(getattr(block, _COMPILED, None) is None for _, block in blocks):
         return None
     return _SLOT.get(module)

@@ -30,10 +30,11 @@ _MAX_SLEEP: Final = 0.002
 
 
 def _default_store() -> Any:
+    # torch keeps the process group's key-value store behind a private accessor
     try:
-        from torch.distributed.distributed_c10d import _get_default_store
+        from torch.distributed import distributed_c10d
 
-        return _get_default_store()
+        return getattr(distributed_c10d, "_get_default_store")()
     except Exception:  # no store to share reports through: errors still name this rank
         return None
 
