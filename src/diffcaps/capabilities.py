@@ -24,9 +24,15 @@ from diffcaps.offload.spec import GroupOffloading
 from diffcaps.parallel.spec import ContextParallelPlan
 from diffcaps.weights.spec import WeightMapper
 
-__all__ = ["DOCS_BASE", "Capabilities", "FieldInfo", "capability", "capability_fields"]
+__all__ = [
+    "Capabilities",
+    "DOCS_BASE",
+    "FieldInfo",
+    "capability",
+    "capability_fields",
+]
 
-S = TypeVar("S")
+_S = TypeVar("_S")
 
 DOCS_BASE: Final = "README.md"
 """Where the capability docs links point: sections of the project README."""
@@ -106,11 +112,11 @@ def capability_fields() -> dict[str, FieldInfo]:
     return {field.name: field.metadata["diffcaps"] for field in attrs.fields(Capabilities)}
 
 
-def capability(default: S) -> S:
+def capability(default: _S) -> _S:
     """A narrowed capability field: ``default`` is the service, and only its type may replace it.
 
     ``lora: LoRAService = capability(MY_LORA)`` in a ``Capabilities`` subclass declares the
     feature; the ``instance_of`` validator keeps ``attrs.evolve`` from putting ``None`` back.
     """
-    field: S = attrs.field(default=default, validator=attrs.validators.instance_of(type(default)))
+    field: _S = attrs.field(default=default, validator=attrs.validators.instance_of(type(default)))
     return field

@@ -24,7 +24,7 @@ from diffcaps.io import (
 )
 from diffcaps.metadata import ModelMetadata
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "CapabilitiesT", "ConfigT", "Model"]
+__all__ = ["CapabilitiesT", "ConfigT", "DEFAULT_MAX_SHARD_SIZE", "Model"]
 
 ConfigT = TypeVar("ConfigT", bound=ModelConfig, default=ModelConfig)
 """A model's config class: the first type argument of ``Model``."""

@@ -14,30 +14,30 @@ from torch import nn
 
 __all__ = ["InstanceSlot"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @final
-class InstanceSlot(Generic[T]):
+class InstanceSlot(Generic[_T]):
     """Per-instance state of one feature, of type ``T``, stored under ``_diffcaps_<feature>``."""
 
     __slots__ = ("attribute", "feature", "kind")
 
-    def __init__(self, feature: str, kind: type[T]) -> None:
+    def __init__(self, feature: str, kind: type[_T]) -> None:
         self.feature = feature
         self.kind = kind
         self.attribute = f"_diffcaps_{feature}"
 
-    def get(self, module: nn.Module) -> T | None:
+    def get(self, module: nn.Module) -> _T | None:
         """The state held by ``module``, or ``None`` when the feature has none there."""
         value = module.__dict__.get(self.attribute)
         return value if isinstance(value, self.kind) else None
 
-    def set(self, module: nn.Module, value: T) -> None:
+    def set(self, module: nn.Module, value: _T) -> None:
         """Hold ``value`` as ``module``'s state for this feature (replacing any earlier one)."""
         module.__dict__[self.attribute] = value
 
-    def clear(self, module: nn.Module) -> T | None:
+    def clear(self, module: nn.Module) -> _T | None:
         """Remove and return ``module``'s state for this feature (``None`` if it had none)."""
         value = module.__dict__.pop(self.attribute, None)
         return value if isinstance(value, self.kind) else None

@@ -56,7 +56,7 @@ def test_merged_partial_attention_equals_attention_over_all_keys() -> None:
     total = total_lse = None
     for keys, values in zip(k.tensor_split([2, 3], dim=2), v.tensor_split([2, 3], dim=2), strict=True):
         out, lse = attention_with_lse(q, keys, values)
-        total, _ = merge_partials(total, total_lse, out, lse)
+        total, total_lse = merge_partials(total, total_lse, out, lse)
     assert total is not None and total_lse is not None
     torch.testing.assert_close(total, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-6)
     torch.testing.assert_close(total_lse, torch.logsumexp(q @ k.transpose(-1, -2) / 4, dim=-1), rtol=0, atol=1e-5)

@@ -20,4 +20,4 @@ from diffcaps.cache._service import (
     CacheSupport as CacheSupport,
 )
 
-__all__ = ["SAMPLE_FORMATS", "BlockList", "CacheSupport"]
+__all__ = ["BlockList", "CacheSupport", "SAMPLE_FORMATS"]

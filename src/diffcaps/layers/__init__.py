@@ -36,11 +36,11 @@ from diffcaps.layers._rope import (
 )
 
 __all__ = [
-    "GELU",
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
     "AdaLayerNormZeroSingle",
     "FeedForward",
+    "GELU",
     "RMSNorm",
     "RotaryEmbedding",
     "TextProjection",

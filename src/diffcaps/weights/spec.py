@@ -45,8 +45,6 @@ from diffcaps.weights._variants import (
 )
 
 __all__ = [
-    "IDENTITY",
-    "SWAP_HALVES",
     "BlockCount",
     "Condition",
     "ConfigReader",
@@ -55,6 +53,7 @@ __all__ = [
     "Dim",
     "DimIs",
     "Has",
+    "IDENTITY",
     "Identity",
     "Inverted",
     "KeyPattern",
@@ -62,6 +61,7 @@ __all__ = [
     "Present",
     "Reorder",
     "Rule",
+    "SWAP_HALVES",
     "Split",
     "TensorSpec",
     "Transform",
