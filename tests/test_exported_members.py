@@ -75,6 +75,13 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     "diffcaps.checkpointing.spec": [
         "GradientCheckpointing",
     ],
+    "diffcaps.checks": [
+        "flag",
+        "instance",
+        "integer",
+        "number",
+        "patterns",
+    ],
     "diffcaps.cli": [
         "ProgressBar",
         "build_parser",
@@ -99,6 +106,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "CapabilityError",
         "CastingError",
         "CheckpointError",
+        "CheckpointingError",
         "CompileError",
         "ConfigError",
         "ContextError",

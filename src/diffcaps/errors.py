@@ -14,6 +14,7 @@ __all__ = [
     "CapabilityError",
     "CastingError",
     "CheckpointError",
+    "CheckpointingError",
     "CompileError",
     "ConfigError",
     "ContextError",
@@ -117,6 +118,10 @@ class LoRAError(DiffcapsError, ValueError):
 
 class CastingError(DiffcapsError, ValueError):
     """Layerwise casting cannot be enabled as asked (dtype, patterns, already enabled)."""
+
+
+class CheckpointingError(DiffcapsError, ValueError):
+    """Gradient checkpointing cannot be enabled as asked (a config of the wrong kind)."""
 
 
 class CompileError(DiffcapsError, ValueError):

@@ -90,7 +90,7 @@ def test_only_one_cache_at_a_time() -> None:
     (lambda: cache.MagCacheConfig(mag_ratios=[1.0] * 10, num_inference_steps=20), "has 10 entries but"),
     (lambda: cache.MagCacheConfig(mag_ratios=[1.0, -1.0], num_inference_steps=2), "finite and > 0"),
     (lambda: cache.MagCacheConfig(calibrate=True, retention_ratio=1.5), "retention_ratio"),
-    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=0), "at least 1"),
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=0), "must be an integer >= 1"),
     (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_timestep_skip_range=(800, 100)),
      "low <= high"),
     (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=("(",)),
@@ -99,15 +99,15 @@ def test_only_one_cache_at_a_time() -> None:
     (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=(1, 2, 3)), "timestep range"),
     (lambda: cache.TaylorSeerCacheConfig(cache_interval=0), "cache_interval"),
     (lambda: cache.TaylorSeerCacheConfig(taylor_factors_dtype=torch.int8), "floating dtype"),
-    (lambda: cache.FirstBlockCacheConfig(threshold="0.1"), "threshold must be a number, got str"),  # type: ignore[arg-type]
-    (lambda: cache.MagCacheConfig(threshold="high", calibrate=True), "threshold must be a number"),  # type: ignore[arg-type]
+    (lambda: cache.FirstBlockCacheConfig(threshold="0.1"), "threshold must be a finite number, got '0.1' \\(str\\)"),  # type: ignore[arg-type]
+    (lambda: cache.MagCacheConfig(threshold="high", calibrate=True), "threshold must be a finite number"),  # type: ignore[arg-type]
     (lambda: cache.MagCacheConfig(num_inference_steps=2.5, calibrate=True), "num_inference_steps must be an integer"),  # type: ignore[arg-type]
     (lambda: cache.MagCacheConfig(mag_ratios={"cond": (1.0,)}, num_inference_steps=1), "not a mapping by context"),  # type: ignore[arg-type]
     (lambda: cache.MagCacheConfig(mag_ratios=["a"], num_inference_steps=1), "sequence of numbers"),  # type: ignore[list-item]
     (lambda: cache.TaylorSeerCacheConfig(cache_interval=1.5), "cache_interval must be an integer"),  # type: ignore[arg-type]
     (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range="2"), "must be an integer"),  # type: ignore[arg-type]
-    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=[5]), "list of strings"),  # type: ignore[list-item]
-    (lambda: cache.FasterCacheConfig(alpha_low_frequency="1.1"), "alpha_low_frequency must be a number"),  # type: ignore[arg-type]
+    (lambda: cache.PyramidAttentionBroadcastConfig(spatial_attention_block_identifiers=[5]), "5 is not a string"),  # type: ignore[list-item]
+    (lambda: cache.FasterCacheConfig(alpha_low_frequency="1.1"), "alpha_low_frequency must be a finite number"),  # type: ignore[arg-type]
     (lambda: cache.FasterCacheConfig(spatial_attention_timestep_skip_range=("a", "b")), "two numbers"),  # type: ignore[arg-type]
 ])
 def test_bad_configs_are_refused_when_built(build: Any, message: str) -> None:

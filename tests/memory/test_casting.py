@@ -98,7 +98,7 @@ def test_bad_input_leaves_model_untouched() -> None:
         LayerwiseCastingConfig(storage_dtype=torch.int8)
     with pytest.raises(CastingError, match="not a regular expression"):
         LayerwiseCastingConfig(skip_patterns=["(unclosed"])
-    with pytest.raises(CastingError, match="skip pattern 5 is not a string"):
+    with pytest.raises(CastingError, match="skip_patterns entry 5 is not a string"):
         LayerwiseCastingConfig(skip_patterns=[5])  # type: ignore[list-item]
     with pytest.raises(CastingError, match="list of regular expressions"):
         LayerwiseCastingConfig(skip_patterns="norm")

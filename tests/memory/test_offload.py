@@ -109,7 +109,7 @@ def test_bad_input_leaves_model_untouched(tmp_path: Path) -> None:
         GroupOffloadingConfig(onload_device="cpu", offload_type="block")  # type: ignore[arg-type]
     with pytest.raises(OffloadError, match="'nowhere' is not a device"):
         GroupOffloadingConfig(onload_device="nowhere")
-    with pytest.raises(OffloadError, match="expected a GroupOffloadingConfig"):
+    with pytest.raises(OffloadError, match="config must be a GroupOffloadingConfig"):
         offload.enable(model, {"onload_device": "cpu"})  # type: ignore[arg-type]
     blocker = tmp_path / "a-file"
     blocker.write_text("")

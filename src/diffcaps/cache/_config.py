@@ -10,7 +10,6 @@ what depends on the model (identifiers that match nothing, too few blocks) is ch
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Final, TypeAlias, cast
 
@@ -18,6 +17,7 @@ import attrs
 import torch
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.errors import CacheError
 
 __all__ = [
@@ -49,15 +49,22 @@ def _require(condition: bool, config: str, message: str) -> None:
         raise CacheError(f"{config}: {message}")
 
 
+def _error(config: str) -> checks.ErrorType:
+    return lambda message: CacheError(f"{config}: {message}")
+
+
 def _strings(value: Sequence[str] | str) -> tuple[str, ...]:
+    # one pattern may stand for a list of one, as in diffusers; the items are checked after
     given = cast(object, value)
-    if isinstance(given, str):
-        return (given,)
-    items: tuple[object, ...] = tuple(cast(Sequence[object], given)) if isinstance(given, Sequence) else (given,)
-    bad = [item for item in items if not isinstance(item, str)]
-    if bad:
-        raise CacheError(f"expected a string or a list of strings (regular expressions), got {bad[0]!r}")
-    return cast(tuple[str, ...], items)
+    return cast(tuple[str, ...], (given,) if not isinstance(given, Sequence) or isinstance(given, str)
+                else tuple(cast(Sequence[object], given)))
+
+
+def _check_patterns(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if value is not None:
+            checks.patterns(value, field, _error(type(config).__name__))
 
 
 def _optional_strings(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
@@ -72,40 +79,13 @@ def _pair(value: Sequence[float]) -> tuple[float, float]:
     return (float(cast(float, items[0])), float(cast(float, items[1])))
 
 
-def _check_patterns(config: str, field: str, patterns: tuple[str, ...] | None) -> None:
-    for pattern in patterns or ():
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise CacheError(f"{config}: {field} entry {pattern!r} is not a regular expression ({error})") from None
-
-
 def _check_range(config: str, field: str, value: tuple[float, float]) -> None:
     _require(value[0] <= value[1], config, f"{field} must be (low, high) with low <= high, got {value!r}")
 
 
 def _check_skip(config: str, field: str, value: int | None) -> None:
-    _check_int(config, field, value, optional=True)
-    _require(value is None or value >= 1, config, f"{field} must be at least 1 (or None), got {value!r}")
-
-
-def _check_number(config: str, field: str, value: float) -> None:
-    given = cast(object, value)
-    _require(isinstance(given, int | float) and not isinstance(given, bool), config,
-             f"{field} must be a number, got {type(given).__name__} {given!r}")
-
-
-def _check_int(config: str, field: str, value: int | None, *, optional: bool = False) -> None:
-    given = cast(object, value)
-    if given is None and optional:
-        return
-    _require(isinstance(given, int) and not isinstance(given, bool), config,
-             f"{field} must be an integer{' (or None)' if optional else ''}, got {type(given).__name__} {given!r}")
-
-
-def _check_flag(config: str, field: str, value: bool) -> None:
-    given = cast(object, value)
-    _require(isinstance(given, bool), config, f"{field} must be True or False, got {given!r}")
+    if value is not None:
+        checks.integer(value, field, _error(config), minimum=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -122,9 +102,7 @@ class FirstBlockCacheConfig:
     threshold: float = 0.05
 
     def __attrs_post_init__(self) -> None:
-        _check_number(type(self).__name__, "threshold", self.threshold)
-        _require(math.isfinite(self.threshold) and self.threshold >= 0, type(self).__name__,
-                 f"threshold must be a finite number >= 0, got {self.threshold!r}")
+        checks.number(self.threshold, "threshold", _error(type(self).__name__), minimum=0)
 
 
 @attrs.frozen(kw_only=True)
@@ -160,8 +138,8 @@ class PyramidAttentionBroadcastConfig:
             _check_skip(name, f"{kind}_attention_block_skip_range", getattr(self, f"{kind}_attention_block_skip_range"))
             _check_range(name, f"{kind}_attention_timestep_skip_range",
                          getattr(self, f"{kind}_attention_timestep_skip_range"))
-            _check_patterns(name, f"{kind}_attention_block_identifiers",
-                            getattr(self, f"{kind}_attention_block_identifiers"))
+        _check_patterns(self, "spatial_attention_block_identifiers", "temporal_attention_block_identifiers",
+                        "cross_attention_block_identifiers")
 
 
 @attrs.frozen(kw_only=True)
@@ -209,19 +187,17 @@ class FasterCacheConfig:
         _check_skip(name, "spatial_attention_block_skip_range", self.spatial_attention_block_skip_range)
         _check_skip(name, "temporal_attention_block_skip_range", self.temporal_attention_block_skip_range)
         _check_skip(name, "unconditional_batch_skip_range", self.unconditional_batch_skip_range)
-        _check_flag(name, "is_guidance_distilled", self.is_guidance_distilled)
+        checks.flag(self.is_guidance_distilled, "is_guidance_distilled", _error(name))
         for field in ("spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
                       "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
                       "unconditional_batch_timestep_skip_range"):
             _check_range(name, field, getattr(self, field))
-        _check_patterns(name, "spatial_attention_block_identifiers", self.spatial_attention_block_identifiers)
-        _check_patterns(name, "temporal_attention_block_identifiers", self.temporal_attention_block_identifiers)
         _require(self.tensor_format in FASTER_TENSOR_FORMATS, name,
                  f"tensor_format must be one of {FASTER_TENSOR_FORMATS}, got {self.tensor_format!r}")
         for field in ("alpha_low_frequency", "alpha_high_frequency"):
-            value = getattr(self, field)
-            _check_number(name, field, value)
-            _require(math.isfinite(value), name, f"{field} must be finite, got {value!r}")
+            checks.number(getattr(self, field), field, _error(name))
+        _check_patterns(self, "spatial_attention_block_identifiers", "temporal_attention_block_identifiers",
+                        "unconditional_conditional_input_kwargs_identifiers")
 
 
 @attrs.frozen(kw_only=True)
@@ -250,21 +226,17 @@ class TaylorSeerCacheConfig:
 
     def __attrs_post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("cache_interval", "disable_cache_before_step", "max_order"):
-            _check_int(name, field, getattr(self, field))
-        _check_int(name, "disable_cache_after_step", self.disable_cache_after_step, optional=True)
-        _check_flag(name, "use_lite_mode", self.use_lite_mode)
-        _require(self.cache_interval >= 1, name, f"cache_interval must be at least 1, got {self.cache_interval!r}")
-        _require(self.disable_cache_before_step >= 0, name,
-                 f"disable_cache_before_step must be >= 0, got {self.disable_cache_before_step!r}")
-        _require(self.disable_cache_after_step is None or self.disable_cache_after_step >= 0, name,
-                 f"disable_cache_after_step must be >= 0 (or None), got {self.disable_cache_after_step!r}")
-        _require(self.max_order >= 0, name, f"max_order must be >= 0, got {self.max_order!r}")
+        error = _error(name)
+        checks.integer(self.cache_interval, "cache_interval", error, minimum=1)
+        checks.integer(self.disable_cache_before_step, "disable_cache_before_step", error, minimum=0)
+        checks.integer(self.max_order, "max_order", error, minimum=0)
+        if self.disable_cache_after_step is not None:
+            checks.integer(self.disable_cache_after_step, "disable_cache_after_step", error, minimum=0)
+        checks.flag(self.use_lite_mode, "use_lite_mode", error)
+        _check_patterns(self, "skip_predict_identifiers", "cache_identifiers")
         dtype = cast(object, self.taylor_factors_dtype)
         _require(dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point), name,
                  f"taylor_factors_dtype must be a floating dtype (or None), got {self.taylor_factors_dtype!r}")
-        _check_patterns(name, "skip_predict_identifiers", self.skip_predict_identifiers)
-        _check_patterns(name, "cache_identifiers", self.cache_identifiers)
 
 
 def _ratios(value: Sequence[float] | torch.Tensor | None) -> tuple[float, ...] | None:
@@ -306,18 +278,13 @@ class MagCacheConfig:
 
     def __attrs_post_init__(self) -> None:
         name = type(self).__name__
-        _check_number(name, "threshold", self.threshold)
-        _check_number(name, "retention_ratio", self.retention_ratio)
-        _check_int(name, "max_skip_steps", self.max_skip_steps)
-        _check_int(name, "num_inference_steps", self.num_inference_steps)
-        _check_flag(name, "calibrate", self.calibrate)
-        _require(math.isfinite(self.threshold) and self.threshold >= 0, name,
-                 f"threshold must be a finite number >= 0, got {self.threshold!r}")
-        _require(self.max_skip_steps >= 0, name, f"max_skip_steps must be >= 0, got {self.max_skip_steps!r}")
-        _require(0 <= self.retention_ratio <= 1, name,
-                 f"retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
-        _require(self.num_inference_steps >= 1, name,
-                 f"num_inference_steps must be at least 1, got {self.num_inference_steps!r}")
+        error = _error(name)
+        checks.number(self.threshold, "threshold", error, minimum=0)
+        checks.integer(self.max_skip_steps, "max_skip_steps", error, minimum=0)
+        checks.integer(self.num_inference_steps, "num_inference_steps", error, minimum=1)
+        checks.flag(self.calibrate, "calibrate", error)
+        _require(checks.number(self.retention_ratio, "retention_ratio", error) <= 1 and self.retention_ratio >= 0,
+                 name, f"retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
         if self.calibrate:
             return
         _require(self.mag_ratios is not None, name,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import cast, final
 
 import attrs
 import torch
 
+from diffcaps import checks
 from diffcaps.errors import CastingError
 
 __all__ = ["LayerwiseCastingConfig"]
@@ -23,21 +23,7 @@ def _dtype(value: torch.dtype | None, role: str) -> None:
 
 
 def _patterns(value: Sequence[str] | None) -> tuple[str, ...] | None:
-    given = cast(object, value)
-    if given is None:
-        return None
-    if isinstance(given, str) or not isinstance(given, Sequence):
-        raise CastingError(f"skip_patterns must be a list of regular expressions, got {given!r}")
-    patterns: list[str] = []
-    for item in cast(Sequence[object], given):
-        if not isinstance(item, str):
-            raise CastingError(f"skip pattern {item!r} is not a string (a regular expression)")
-        try:
-            re.compile(item)
-        except re.error as exc:
-            raise CastingError(f"skip pattern {item!r} is not a regular expression: {exc}") from None
-        patterns.append(item)
-    return tuple(patterns)
+    return None if value is None else checks.patterns(value, "skip_patterns", CastingError)
 
 
 @final

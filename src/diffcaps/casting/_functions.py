@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, cast, final
+from typing import Any, Final, final
 
 import attrs
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from diffcaps.casting._config import LayerwiseCastingConfig
 from diffcaps.casting._layers import GENERIC_SKIP_PATTERNS, cast_layers
+from diffcaps import checks
 from diffcaps.errors import CastingError
 from diffcaps.hooks import Hook, add_hook, get_hook, remove_hook
 from diffcaps.protocols import SupportsLayerwiseCasting, require
@@ -78,9 +79,7 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
     dtype). peft adapter layers are never cast. Enabling twice is an error: ``disable`` first.
     """
     config = LayerwiseCastingConfig() if config is None else config
-    given = cast(object, config)
-    if not isinstance(given, LayerwiseCastingConfig):
-        raise CastingError(f"expected a LayerwiseCastingConfig, got {type(given).__name__}")
+    checks.instance(config, LayerwiseCastingConfig, "config", CastingError)
     module, service = require(model, "layerwise_casting")
     if _SLOT.get(module) is not None:
         raise CastingError(f"layerwise casting is already enabled on this {type(module).__name__}; disable it first")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffcaps import checks
 from diffcaps.checkpointing._config import CheckpointingConfig
+from diffcaps.errors import CheckpointingError
 from diffcaps.hooks import Forward, Hook, add_hook, get_hook, remove_hook
 from diffcaps.protocols import SupportsGradientCheckpointing, require
 
@@ -41,9 +43,7 @@ def enable(model: SupportsGradientCheckpointing, config: CheckpointingConfig | N
     Enabling again replaces the config in force.
     """
     config = CheckpointingConfig() if config is None else config
-    given = cast(object, config)
-    if not isinstance(given, CheckpointingConfig):
-        raise TypeError(f"expected a CheckpointingConfig, got {type(given).__name__}")
+    checks.instance(config, CheckpointingConfig, "config", CheckpointingError)
     for block in _blocks(model):
         if get_hook(block, HOOK_NAME) is not None:
             remove_hook(block, HOOK_NAME)

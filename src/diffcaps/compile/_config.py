@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast, final
+from typing import Any, final
 
 import attrs
 
+from diffcaps import checks
 from diffcaps.errors import CompileError
 
 __all__ = ["RegionalCompileConfig"]
@@ -28,6 +29,8 @@ class RegionalCompileConfig:
     options: Mapping[str, Any] | None = attrs.field(default=None, converter=_options)
 
     def __attrs_post_init__(self) -> None:
-        backend = cast(object, self.backend)
-        if not isinstance(backend, str) or not backend:
-            raise CompileError(f"RegionalCompileConfig.backend must be a backend name, got {self.backend!r}")
+        if not checks.instance(self.backend, str, "RegionalCompileConfig.backend", CompileError):
+            raise CompileError("RegionalCompileConfig.backend must name a backend, got ''")
+        checks.flag(self.fullgraph, "RegionalCompileConfig.fullgraph", CompileError)
+        if self.dynamic is not None:
+            checks.flag(self.dynamic, "RegionalCompileConfig.dynamic", CompileError)

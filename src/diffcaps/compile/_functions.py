@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.compile._config import RegionalCompileConfig
+from diffcaps.errors import CompileError
 from diffcaps.protocols import SupportsRepeatedBlocks, require
 from diffcaps.slots import InstanceSlot
 
@@ -30,9 +32,7 @@ def enable(model: SupportsRepeatedBlocks, config: RegionalCompileConfig | None =
     model's. Enabling again recompiles with the new config.
     """
     config = RegionalCompileConfig() if config is None else config
-    given = cast(object, config)
-    if not isinstance(given, RegionalCompileConfig):
-        raise TypeError(f"expected a RegionalCompileConfig, got {type(given).__name__}")
+    checks.instance(config, RegionalCompileConfig, "config", CompileError)
     module, blocks = _blocks(model)
     options: dict[str, Any] = {"backend": config.backend, "fullgraph": config.fullgraph, "dynamic": config.dynamic}
     if config.mode is not None:

@@ -9,6 +9,7 @@ from typing import Literal, cast, final
 import attrs
 import torch
 
+from diffcaps import checks
 from diffcaps.errors import OffloadError
 
 __all__ = ["GroupOffloadingConfig", "OffloadType"]
@@ -38,11 +39,6 @@ def _folder(value: str | os.PathLike[str] | None) -> Path | None:
     return Path(given)
 
 
-def _flag(name: str, value: bool) -> None:
-    if not isinstance(cast(object, value), bool):
-        raise OffloadError(f"{name} must be True or False, got {value!r}")
-
-
 @final
 @attrs.frozen(kw_only=True)
 class GroupOffloadingConfig:
@@ -68,10 +64,8 @@ class GroupOffloadingConfig:
         kind = cast(object, self.offload_type)
         if kind not in ("block_level", "leaf_level"):
             raise OffloadError(f"offload_type must be 'block_level' or 'leaf_level', got {kind!r}")
-        count = cast(object, self.num_blocks_per_group)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise OffloadError(f"num_blocks_per_group must be an integer >= 1, got {count!r}")
-        _flag("use_stream", self.use_stream)
-        _flag("non_blocking", self.non_blocking)
+        checks.integer(self.num_blocks_per_group, "num_blocks_per_group", OffloadError, minimum=1)
+        checks.flag(self.use_stream, "use_stream", OffloadError)
+        checks.flag(self.non_blocking, "non_blocking", OffloadError)
         if self.use_stream and self.onload_device.type != "cuda":
             raise OffloadError("use_stream=True needs CUDA and a CUDA onload_device")

@@ -6,12 +6,13 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final, cast, final
+from typing import Any, Final, final
 
 import attrs
 import torch
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.errors import OffloadError
 from diffcaps.hooks import Hook, add_hook, get_hook, remove_hook
 from diffcaps.offload._config import GroupOffloadingConfig
@@ -105,9 +106,7 @@ def enable(model: SupportsGroupOffloading, config: GroupOffloadingConfig) -> Non
     that is onloaded for the whole forward. See :class:`GroupOffloadingConfig` for the
     settings. Enabling twice is an error: ``disable`` first.
     """
-    given = cast(object, config)
-    if not isinstance(given, GroupOffloadingConfig):
-        raise OffloadError(f"expected a GroupOffloadingConfig, got {type(given).__name__}")
+    checks.instance(config, GroupOffloadingConfig, "config", OffloadError)
     module, service = require(model, "group_offloading")
     if _SLOT.get(module) is not None:
         raise OffloadError(f"group offloading is already enabled on this {type(module).__name__}; disable it first")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from typing import Final, cast
+from typing import Final
 
 import torch.distributed as dist
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.errors import ParallelError
 from diffcaps.hooks import add_hook, remove_hook
 from diffcaps.parallel._comm import Communicator
@@ -57,13 +58,11 @@ def enable(model: SupportsContextParallel, config: ContextParallelConfig | None 
     communication and leave the model unchanged.
 
     Inference only: call the model under ``torch.no_grad()``. Load LoRAs before enabling.
-    First Block Cache is refused (each rank would decide from its own shard); the caches that
-    decide by schedule work, alike on every rank.
+    Caches decide alike on every rank: those that decide by schedule need nothing more, and
+    First Block Cache sums its residual statistics over the ranks before deciding.
     """
     config = ContextParallelConfig() if config is None else config
-    given = cast(object, config)
-    if not isinstance(given, ContextParallelConfig):
-        raise ParallelError(f"expected a ContextParallelConfig, got {type(given).__name__}")
+    checks.instance(config, ContextParallelConfig, "config", ParallelError)
     module, plan = require(model, "context_parallel")
     if _SLOT.get(module) is not None:
         raise ParallelError(f"context parallelism is already enabled on this {type(module).__name__}; "
