@@ -27,16 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ProgressBar", "build_parser", "main"]
 
-_ADAPTER_PAIRS = (
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora_down.weight", ".lora_up.weight"),
-    (".down.weight", ".up.weight"),
-    (".lokr_w1", ".lokr_w2"),
-    (".hada_w1_a", ".hada_w2_a"),
-)
-"""Suffix pairs that only adapter files hold: a LoRA file is told from a checkpoint by these."""
-
-
 class _UsageError(Exception):
     """A command line argparse refuses (shown as one line, like every other failure)."""
 
@@ -137,29 +127,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _adapter_shaped(keys: Sequence[str]) -> bool:
-    present = set(keys)
-    for key in keys:
-        for first, second in _ADAPTER_PAIRS:
-            if first in key and key.replace(first, second, 1) in present:
-                return True
-    return False
-
-
-def _structural_lora(recognise: Recogniser) -> Recogniser:
-    """Let the LoRA recogniser speak only for files whose tensors come in adapter pairs."""
-    from diffcaps.io import SafetensorsHeader
-    from diffcaps.weights import Recognition
-
-    def gated(header: SafetensorsHeader) -> Recognition:
-        if _adapter_shaped(list(header.tensors)):
-            return recognise(header)
-        return Recognition(kind="lora", matched=False,
-                           rows=(("lora", "no adapter tensor pairs (lora_A/B, lora_down/up, LoKr, LoHa)"),))
-
-    return gated
-
-
 def _file_recognisers() -> list[Recogniser]:
     """What ``inspect`` tries on a file, in order; the first that matches describes it.
 
@@ -170,7 +137,7 @@ def _file_recognisers() -> list[Recogniser]:
     from diffcaps.weights import checkpoint_recogniser
 
     classes = [model_class(name) for name in model_names()]
-    return [checkpoint_recogniser(classes), _structural_lora(lora_recogniser(classes))]
+    return [checkpoint_recogniser(classes), lora_recogniser(classes)]
 
 
 def _inspect(args: argparse.Namespace) -> int:

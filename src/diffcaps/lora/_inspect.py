@@ -12,6 +12,14 @@ from diffcaps.lora._formats import TEXT_ENCODER_PREFIXES, LoRAService
 __all__ = ["lora_recogniser"]
 
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".down.weight")
+_ADAPTER_PAIRS = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".down.weight", ".up.weight"),
+    (".lokr_w1", ".lokr_w2"),
+    (".hada_w1_a", ".hada_w2_a"),
+)
+"""Suffix pairs only adapter files hold: a LoRA file is told from a checkpoint by structure."""
 _KINDS = {".lokr_": "LoKr (LyCORIS)", ".hada_": "LoHa (LyCORIS)"}
 
 
@@ -28,6 +36,12 @@ def _kind(keys: Iterable[str]) -> str:
     return counts.most_common(1)[0][0]
 
 
+def _adapter_shaped(keys: list[str]) -> bool:
+    present = set(keys)
+    return any(first in key and key.replace(first, second, 1) in present
+               for key in keys for first, second in _ADAPTER_PAIRS)
+
+
 def _declared(cls: type[Any]) -> object:
     declared = getattr(cls, "declared_capabilities", None)
     return declared() if callable(declared) else None
@@ -37,7 +51,9 @@ def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
     """A ``diffcaps.weights`` recogniser for LoRA files of any of these classes' declared formats.
 
     It reads the header only: the format, the adapter kind, ranks, whether alphas are stored,
-    and how many tensors are for text encoders (which diffcaps reports and skips).
+    and how many tensors are for text encoders (which diffcaps reports and skips). A file whose
+    tensors do not come in adapter pairs (down/up, LoKr, LoHa factors) is no LoRA file, whatever
+    its names look like.
     """
     services = [(cls, service) for cls in model_classes
                 if isinstance(service := getattr(_declared(cls), "lora", None), LoRAService)]
@@ -46,6 +62,9 @@ def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
         from diffcaps.weights import Recognition
 
         keys = list(header.tensors)
+        if not _adapter_shaped(keys):
+            return Recognition(kind="lora", matched=False,
+                               rows=(("lora", "no adapter tensor pairs (lora_A/B, lora_down/up, LoKr, LoHa)"),))
         for cls, service in services:
             fmt = service.detect(keys)
             if fmt is None:
