@@ -152,6 +152,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "assign_tensor",
         "expected_tensors",
         "find_weights",
+        "landing_dtype",
         "load_weights",
         "on_meta_device",
         "read_config",

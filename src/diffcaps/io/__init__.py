@@ -18,6 +18,7 @@ from diffcaps.io._folder import (
 from diffcaps.io._loading import (
     assign_tensor as assign_tensor,
     expected_tensors as expected_tensors,
+    landing_dtype as landing_dtype,
     load_weights as load_weights,
     on_meta_device as on_meta_device,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "assign_tensor",
     "expected_tensors",
     "find_weights",
+    "landing_dtype",
     "load_weights",
     "on_meta_device",
     "read_config",

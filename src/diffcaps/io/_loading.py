@@ -13,7 +13,7 @@ from diffcaps.errors import CheckpointError, ShapeError
 from diffcaps.io._folder import WeightSource
 from diffcaps.io._mapped import SafetensorsReader
 
-__all__ = ["assign_tensor", "expected_tensors", "load_weights", "on_meta_device"]
+__all__ = ["assign_tensor", "expected_tensors", "landing_dtype", "load_weights", "on_meta_device"]
 
 
 _INITIALISED_LAYERS: Final[tuple[type[torch.nn.Module], ...]] = (
@@ -76,10 +76,15 @@ def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> Non
         raise KeyError(key)
 
 
-def _target_dtype(stored: torch.dtype, model_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    if not (stored.is_floating_point and model_dtype.is_floating_point):
+def landing_dtype(stored: torch.dtype, model_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` lands in, for a parameter built as ``model_dtype``.
+
+    ``requested`` (a loader's ``torch_dtype``) applies to floating tensors only; every loader
+    (folders, single files) decides through this one rule.
+    """
+    if requested is None or not (stored.is_floating_point and model_dtype.is_floating_point):
         return model_dtype
-    return requested if requested is not None else model_dtype
+    return requested
 
 
 def load_weights(
@@ -117,11 +122,11 @@ def load_weights(
             state = torch.load(path, map_location="cpu", weights_only=True)
             for file_key in keys:
                 name = by_file_key[file_key]
-                target = _target_dtype(state[file_key].dtype, expected[name][1], torch_dtype)
+                target = landing_dtype(state[file_key].dtype, expected[name][1], torch_dtype)
                 assign_tensor(model, name, state.pop(file_key).to(device=device, dtype=target))
             continue
         with SafetensorsReader(path, device=device, header=source.headers.get(path)) as reader:
             for file_key in keys:
                 name = by_file_key[file_key]
-                target = _target_dtype(source.entries[file_key][1].dtype, expected[name][1], torch_dtype)
+                target = landing_dtype(source.entries[file_key][1].dtype, expected[name][1], torch_dtype)
                 assign_tensor(model, name, reader.get(file_key, target))

@@ -27,6 +27,7 @@ from diffcaps.io import (
     TensorSlot,
     assign_tensor,
     expected_tensors,
+    landing_dtype,
     on_meta_device,
     read_header,
     stream_safetensors,
@@ -156,12 +157,6 @@ def check_identified(
     )
 
 
-def _target_dtype(stored: torch.dtype, model_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    if requested is None or not (stored.is_floating_point and model_dtype.is_floating_point):
-        return model_dtype
-    return requested
-
-
 def _by_offset(plan: MappingPlan, header: SafetensorsHeader) -> list[Step]:
     return sorted(plan.steps, key=lambda step: min(header.tensors[s].start for s in step.sources))
 
@@ -191,7 +186,7 @@ def fill_from_file(
             for name, tensor in zip(step.targets, step.run(views), strict=True):
                 if name not in expected:
                     continue
-                dtype = _target_dtype(tensor.dtype, expected[name][1], torch_dtype)
+                dtype = landing_dtype(tensor.dtype, expected[name][1], torch_dtype)
                 if on_cpu and tensor.dtype == dtype and tensor.is_contiguous():
                     if reader.backs(tensor):
                         mapped, tensor = True, reader.standalone(tensor)
