@@ -2,55 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 
-from diffcaps.config import ModelConfig
+from diffcaps.config import ModelConfig, at_least
+from diffcaps.errors import ConfigError
 
 __all__ = ["FluxConfig"]
 
 
-def _axes(value: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
-
-
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
-
-
-def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
-def _check_axes(config: FluxConfig, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
-    # attrs runs validators once every field is set, so the head dim is there to compare with.
-    if sum(value) != config.attention_head_dim or any(d % 2 for d in value):
-        raise ValueError(
-            f"axes_dims_rope {list(value)} must be even and sum to attention_head_dim "
-            f"({config.attention_head_dim})"
-        )
-
-
 @attrs.frozen(kw_only=True)
 class FluxConfig(ModelConfig):
-    """Hyper-parameters of ``FluxTransformer2DModel`` (defaults are FLUX.1's, without guidance)."""
+    """Hyper-parameters of ``FluxTransformer2DModel`` (defaults are FLUX.1's, without guidance).
+
+    Sizes are positive integers (block counts may be 0); ``axes_dims_rope`` are the RoPE
+    widths of the (t, h, w) position axes: even, and summing to ``attention_head_dim``.
+    """
 
     class_name: ClassVar[str] = "FluxTransformer2DModel"
 
-    patch_size: int = attrs.field(default=1, validator=_positive)
-    in_channels: int = attrs.field(default=64, validator=_positive)
-    out_channels: int | None = None
-    num_layers: int = attrs.field(default=19, validator=_non_negative)
-    num_single_layers: int = attrs.field(default=38, validator=_non_negative)
-    attention_head_dim: int = attrs.field(default=128, validator=_positive)
-    num_attention_heads: int = attrs.field(default=24, validator=_positive)
-    joint_attention_dim: int = attrs.field(default=4096, validator=_positive)
-    pooled_projection_dim: int = attrs.field(default=768, validator=_positive)
+    patch_size: int = at_least(1, default=1)
+    in_channels: int = at_least(1, default=64)
+    out_channels: int | None = at_least(1, default=None)
+    num_layers: int = at_least(0, default=19)
+    num_single_layers: int = at_least(0, default=38)
+    attention_head_dim: int = at_least(1, default=128)
+    num_attention_heads: int = at_least(1, default=24)
+    joint_attention_dim: int = at_least(1, default=4096)
+    pooled_projection_dim: int = at_least(1, default=768)
     guidance_embeds: bool = False
-    axes_dims_rope: tuple[int, ...] = attrs.field(default=(16, 56, 56), converter=_axes, validator=_check_axes)
+    axes_dims_rope: tuple[int, ...] = at_least(0, default=(16, 56, 56))
+
+    def __attrs_post_init__(self) -> None:
+        axes = self.axes_dims_rope
+        if sum(axes) != self.attention_head_dim or any(d % 2 for d in axes):
+            raise ConfigError(
+                f"field 'axes_dims_rope' = {list(axes)}: expected even widths summing to "
+                f"attention_head_dim ({self.attention_head_dim})"
+            )
 
     @property
     def inner_dim(self) -> int:
