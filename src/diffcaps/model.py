@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, cast, get_args, get_origin
 
@@ -12,7 +12,7 @@ from typing_extensions import TypeVar
 
 from diffcaps.capabilities import Capabilities
 from diffcaps.config import ModelConfig
-from diffcaps.errors import ConfigError
+from diffcaps.errors import CheckpointError, ConfigError
 from diffcaps.io import (
     CONFIG_NAME,
     find_weights,
@@ -23,6 +23,7 @@ from diffcaps.io import (
     write_weights,
 )
 from diffcaps.metadata import ModelMetadata
+from diffcaps.protocols import supports_lora
 
 __all__ = ["CapabilitiesT", "ConfigT", "DEFAULT_MAX_SHARD_SIZE", "Model"]
 
@@ -33,6 +34,20 @@ CapabilitiesT = TypeVar("CapabilitiesT", bound=Capabilities, default=Capabilitie
 """A model's capabilities class: the second type argument of ``Model``."""
 
 DEFAULT_MAX_SHARD_SIZE = "10GB"
+
+_WRAPPED = ".base_layer."
+"""An adapter layer keeps the module it wraps here; its parameters are the model's own."""
+
+
+def _adapters_left_out(model: object, keys: list[str]) -> str:
+    """The warning for a save that leaves adapter tensors out, naming the adapters when the model says."""
+    what = f"{len(keys)} adapter tensor(s) ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+    if supports_lora(model):
+        from diffcaps import lora
+
+        what = f"the layers of LoRA adapter(s) {', '.join(map(repr, lora.list_adapters(model)))}"
+    return (f"save_pretrained writes the base model: {what} are not saved (adapters fused with lora.fuse "
+            "are in the base weights; lora.save_adapter writes an adapter to its own file)")
 
 
 def _type_arguments(cls: type[Any]) -> tuple[Any, ...]:
@@ -140,14 +155,47 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         *,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> Path:
-        """Write ``config.json`` and the weights (sharded above ``max_shard_size``) to a folder."""
+        """Write ``config.json`` and the weights (sharded above ``max_shard_size``) as a diffusers folder.
+
+        The folder is built beside ``path`` and swapped in whole when complete: a failed or
+        killed save leaves the old folder as it was, and of concurrent saves one wins whole.
+        What a save replaces is ``config.json`` and the diffusers weight files
+        (``diffusion_pytorch_model.safetensors``, its shards and index); other files and
+        subfolders in ``path`` are kept.
+
+        With LoRA adapters loaded, the folder holds the base model under diffusers names, which
+        ``from_pretrained`` loads: adapter layers are left out (a warning names the adapters;
+        ``lora.save_adapter`` writes them), and adapters fused with ``lora.fuse`` are in the
+        base weights, since that is what the model computes. Parameters an adapter replaced
+        or widened in full (control LoRAs) are written as the model holds them, with the
+        config that matches them. So the folder computes what this model computes after
+        ``lora.disable`` (or, when fused, what it computes now).
+        """
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        write_weights(state, folder, max_shard_size=max_shard_size)
-        config = self.config.to_dict()
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        state = self._state_to_save(folder)
+        write_weights(state, folder, config=self.config.to_dict(), max_shard_size=max_shard_size)
         return folder
+
+    def _state_to_save(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The parameters a model of this config has, under its own names: adapter wrappers seen through."""
+        state = self.state_dict()
+        if not any(_WRAPPED in key for key in state):
+            return state
+        with on_meta_device():
+            expected = type(self)(self.config).state_dict()
+        own = {key.replace(_WRAPPED, "."): key for key in state}
+        missing = [key for key in expected if key not in own]
+        wrong = [key for key in expected if key in own and state[own[key]].shape != expected[key].shape]
+        if missing or wrong:
+            raise CheckpointError(
+                f"cannot be saved in diffusers layout: {len(missing)} parameter(s) missing "
+                f"({', '.join(missing[:5])}), {len(wrong)} of another shape ({', '.join(wrong[:5])})",
+                path=folder,
+            )
+        left_out = sorted(set(state) - {own[key] for key in expected})
+        if left_out:
+            warnings.warn(_adapters_left_out(self, left_out), UserWarning, stacklevel=3)
+        return {key: state[own[key]] for key in expected}
 
     def extra_repr(self) -> str:
         fields: dict[str, Any] = self.config.to_dict()

@@ -1,26 +1,30 @@
 """Write safetensors files one tensor at a time, so that a save never holds all the weights twice.
 
 The header is computed up front from each tensor's name, dtype and shape (a ``TensorSlot``);
-tensors are then produced in that order and written as they come. Files are written to a
-temporary name beside the target and renamed when complete, so a failure leaves nothing
-half-written under the target name. This is the only safetensors writer in diffcaps:
-``save_safetensors`` (a dict at once) and ``write_weights`` (a diffusers folder) use it too.
+tensors are then produced in that order and written as they come. A single file is written
+to a temporary name beside the target and renamed when complete; a diffusers folder (weights,
+index and ``config.json``) is built as a whole beside the target folder and swapped in when
+complete (see ``_staging``). A failure, or a killed process, leaves the old file or folder
+as it was. This is the only safetensors writer in diffcaps: ``save_safetensors`` (a dict at
+once) and ``write_weights`` (a diffusers folder) use it too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import attrs
 import torch
 
-from diffcaps.io._folder import INDEX_NAME, WEIGHTS_NAME, parse_size
-from diffcaps.io._safetensors import DTYPES, publish
+from diffcaps.io._folder import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, parse_size
+from diffcaps.io._safetensors import DTYPES
+from diffcaps.io._staging import staged_file, staged_folder
 
 __all__ = [
     "Progress",
@@ -83,10 +87,6 @@ def _write_tensor(handle: BinaryIO, slot: TensorSlot, tensor: torch.Tensor) -> N
         handle.write(data.numpy().data)
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
 def _write_files(
     files: Sequence[tuple[Path, Sequence[TensorSlot]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -94,15 +94,18 @@ def _write_files(
     metadata: Mapping[str, str] | None,
     progress: Progress | None,
 ) -> list[Path]:
-    """Write one stream of tensors across several files, each holding its slots in order."""
+    """Write one stream of tensors across several files, each holding its slots in order.
+
+    Every file is written beside its target and renamed onto it only once the whole stream
+    has been written.
+    """
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
-    temporaries = [_temporary(path) for path, _ in files]
     total = sum(slot.nbytes for _, slots in files for slot in slots)
     done = 0
-    try:
-        with ExitStack() as stack:
-            for (_, slots), temporary in zip(files, temporaries, strict=True):
-                handle = stack.enter_context(temporary.open("wb"))
+    with ExitStack() as stack:
+        temporaries = [stack.enter_context(staged_file(path)) for path, _ in files]
+        for (_, slots), temporary in zip(files, temporaries, strict=True):
+            with temporary.open("wb") as handle:
                 handle.write(_header_bytes(slots, metadata))
                 for slot in slots:
                     key, tensor = next(stream, (None, None))
@@ -118,11 +121,6 @@ def _write_files(
         leftover = next(stream, None)
         if leftover is not None:
             raise ValueError(f"tensor {leftover[0]!r} has no slot in the files being written")
-        for (path, _), temporary in zip(files, temporaries, strict=True):
-            publish(temporary, path)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
     return [path for path, _ in files]
 
 
@@ -175,35 +173,61 @@ def _write_index(index: Path, files: Sequence[tuple[Path, Sequence[TensorSlot]]]
     index.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+_SHARD: Final = re.compile(re.escape(WEIGHTS_NAME.removesuffix(".safetensors")) + r"-\d+-of-\d+\.safetensors")
+
+
+def replaced_by_save(name: str) -> bool:
+    """Whether a folder save replaces this entry: ``config.json`` and the diffusers safetensors weights.
+
+    That is ``diffusion_pytorch_model.safetensors``, its shards
+    (``diffusion_pytorch_model-00001-of-00002.safetensors``, ...) and their index. Anything
+    else in the folder (a README, other files, subfolders) is kept by a save.
+    """
+    return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(name) is not None
+
+
 def stream_shards(
     folder: Path,
     slots: Sequence[TensorSlot],
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
+    config: Mapping[str, Any],
     max_shard_size: int | str,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """Write a diffusers weight layout: one file, or shards of at most ``max_shard_size`` plus an index.
+    """Write a diffusers model folder: ``config``, and one weight file or shards of at most ``max_shard_size`` plus an index.
 
-    Returns the files written, the index last when there is one.
+    The new folder is built beside ``folder`` and swapped in whole once complete, so the
+    folder always holds one save's weights, index and config together: a failed or killed
+    write leaves the old folder as it was, and of concurrent writes one wins whole. What is
+    replaced is ``config.json`` and the weight files (see :func:`replaced_by_save`); every other
+    file or subfolder in ``folder`` is carried into the new folder. Leftovers of a killed
+    write are removed by the next one. Returns the files written (their final paths),
+    weights first, then the index when there is one, then ``config.json``.
     """
-    files = _plan_shards(folder, slots, parse_size(max_shard_size))
-    written = _write_files(files, tensors, metadata=None, progress=progress)
-    if len(files) > 1:
-        _write_index(folder / INDEX_NAME, files)
-        written.append(folder / INDEX_NAME)
-    return written
+    planned = _plan_shards(folder, slots, parse_size(max_shard_size))
+    with staged_folder(folder, replaced_by_save) as stage:
+        files = [(stage / path.name, group) for path, group in planned]
+        names = [path.name for path in _write_files(files, tensors, metadata=None, progress=progress)]
+        if len(files) > 1:
+            _write_index(stage / INDEX_NAME, files)
+            names.append(INDEX_NAME)
+        (stage / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2) + "\n", encoding="utf-8")
+        names.append(CONFIG_NAME)
+    return [folder / name for name in names]
 
 
-def write_weights(state: Mapping[str, torch.Tensor], folder: Path, *, max_shard_size: int | str) -> list[Path]:
-    """Write a state dict as one safetensors file, or as shards plus an index when it is larger.
+def write_weights(
+    state: Mapping[str, torch.Tensor],
+    folder: Path,
+    *,
+    config: Mapping[str, Any],
+    max_shard_size: int | str,
+) -> list[Path]:
+    """Write a state dict and its config as a diffusers model folder, swapped in whole (see :func:`stream_shards`).
 
-    Tensors are written one at a time. Weight files from an earlier save that the new layout
-    does not use are removed last, once everything new is in place.
+    Tensors are written one at a time: one safetensors file, or shards plus an index when
+    the weights are larger than ``max_shard_size``.
     """
-    previous = {folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*-of-*.safetensors")}
     slots = [TensorSlot(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()]
-    written = stream_shards(folder, slots, state.items(), max_shard_size=max_shard_size)
-    for stale in previous - set(written):
-        stale.unlink(missing_ok=True)
-    return written
+    return stream_shards(folder, slots, state.items(), config=config, max_shard_size=max_shard_size)

@@ -8,7 +8,6 @@ Dtypes are kept unless ``torch_dtype`` is given.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -101,25 +100,20 @@ def _folder_headers(folder: Path) -> dict[str, SafetensorsHeader]:
     return {key: source.headers[path] for key, (path, _) in source.entries.items()}
 
 
-def _prepare_target(target: Path, layout: str, overwrite: bool) -> None:
+def _check_target(target: Path, layout: str, overwrite: bool) -> None:
+    """Refuse a target of the wrong kind, or one holding a model, unless ``overwrite``; change nothing."""
     if layout == "original":
         if target.is_dir():
             raise CheckpointError("is a folder; the original layout is one .safetensors file", path=target)
         if target.exists() and not overwrite:
             raise CheckpointError("already exists (pass overwrite=True / --force to replace it)", path=target)
-        target.parent.mkdir(parents=True, exist_ok=True)
         return
-    if target.is_file():
+    if target.exists() and not target.is_dir():
         raise CheckpointError("is a file; the diffusers layout is a folder", path=target)
-    ours = [CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME]
-    stale = [p for p in target.glob("*") if p.name in ours or p.name.startswith("diffusion_pytorch_model-")]
-    if stale and not overwrite:
-        raise CheckpointError(
-            f"already holds {', '.join(sorted(p.name for p in stale))} (pass overwrite=True / --force)", path=target
-        )
-    for path in stale:
-        path.unlink()
-    target.mkdir(parents=True, exist_ok=True)
+    model_files = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)
+    ours = sorted(p.name for p in target.glob("*") if p.name in model_files or p.name.startswith("diffusion_pytorch_model-"))
+    if ours and not overwrite:
+        raise CheckpointError(f"already holds {', '.join(ours)} (pass overwrite=True / --force)", path=target)
 
 
 def _stream(
@@ -178,6 +172,11 @@ def convert(
     original layout becomes a diffusers folder (``config.json`` + weights, sharded above
     ``max_shard_size``), a diffusers folder or file becomes one original-layout file, with
     ``prefix`` before every key. Names and shapes are checked against ``cls`` first.
+
+    The output is written beside ``target`` and swapped in only when complete (a folder as a
+    whole: weights, index and ``config.json`` together), so with ``overwrite`` the old output
+    survives any failure part-way. Files in a target folder that are not a diffusers model's
+    (``config.json``, ``diffusion_pytorch_model*.safetensors`` and index) are kept.
     """
     model_class, mapper = class_mapper(cls)
     source, target = Path(source), Path(target)
@@ -214,16 +213,16 @@ def convert(
     second = output_plan(mapper, keys, layout_out, prefix=prefix if layout_out == "original" else "",
                          where=str(target))
     second, slots = aligned(second, planned_slots(second, model_specs, torch_dtype, where=str(target)))
-    _prepare_target(target, layout_out, overwrite)
+    _check_target(target, layout_out, overwrite)
     try:
         stream = _stream(first, second, tensors, torch_dtype)
         if layout_out == "original":
+            target.parent.mkdir(parents=True, exist_ok=True)
             files = [stream_safetensors(target, slots, stream, progress=progress)]
         else:
-            files = stream_shards(target, slots, stream, max_shard_size=max_shard_size, progress=progress)
             built = model_class.config_class.from_dict(config, source=source_label).to_dict()
-            (target / CONFIG_NAME).write_text(json.dumps(built, indent=2) + "\n", encoding="utf-8")
-            files.append(target / CONFIG_NAME)
+            files = stream_shards(target, slots, stream, config=built, max_shard_size=max_shard_size,
+                                  progress=progress)
     finally:
         tensors.close()
     if skipped:
