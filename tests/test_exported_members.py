@@ -181,6 +181,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "AdaLayerNormZero",
         "AdaLayerNormZeroSingle",
         "FeedForward",
+        "FP32LayerNorm",
         "GELU",
         "RMSNorm",
         "RotaryEmbedding",
@@ -192,6 +193,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "modulate",
         "rope_frequencies",
         "timestep_embedding",
+        "table_modulation",
     ],
     "diffcaps.lora": [
         "AdapterWeight",
@@ -268,6 +270,17 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "FluxTransformer2DModel",
     ],
     "diffcaps.offload": [
+    "diffcaps.models.wan": [
+        "WanCapabilities",
+        "WanConfig",
+        "WanOutput",
+        "WanTransformer3DModel",
+    ],
+    "diffcaps.models.wan.model": [
+        "WanCapabilities",
+        "WanOutput",
+        "WanTransformer3DModel",
+    ],
         "GroupOffloadingConfig",
         "OffloadGroup",
         "active",

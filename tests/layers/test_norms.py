@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.models.normalization import AdaLayerNormContinuous as DiffusersContinuous
 from diffusers.models.normalization import AdaLayerNormZero as DiffusersZero
 from diffusers.models.normalization import AdaLayerNormZeroSingle as DiffusersZeroSingle
+from diffusers.models.normalization import FP32LayerNorm as DiffusersFP32LayerNorm
 from torch import Tensor, nn
 
-from diffcaps.layers import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm, modulate
+from diffcaps.layers import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    FP32LayerNorm,
+    RMSNorm,
+    modulate,
+    table_modulation,
+)
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
@@ -92,3 +102,42 @@ def test_ada_layer_norm_continuous_matches_diffusers() -> None:
         ours.linear.weight.zero_()
         ours.linear.bias.copy_(torch.cat([torch.ones(8), torch.zeros(8)]))
     torch.testing.assert_close(ours(x, emb), 2 * ours.norm(x))
+
+
+def test_fp32_layer_norm_matches_diffusers_and_keeps_the_input_dtype() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=generator).to(torch.bfloat16)
+    for affine in (True, False):
+        ours = FP32LayerNorm(8, 1e-6, elementwise_affine=affine).to(torch.bfloat16)
+        oracle = DiffusersFP32LayerNorm(8, 1e-6, elementwise_affine=affine).to(torch.bfloat16)
+        if affine:
+            with torch.no_grad():
+                ours.weight.copy_(torch.randn(8, generator=generator))
+                ours.bias.copy_(torch.randn(8, generator=generator))
+            oracle.load_state_dict(ours.state_dict())
+        got = ours(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, oracle(x))
+        # computed in float32, not in bfloat16
+        reference = torch.nn.functional.layer_norm(
+            x.float(), (8,), ours.weight.float() if affine else None, ours.bias.float() if affine else None, 1e-6
+        ).to(torch.bfloat16)
+        assert torch.equal(got, reference)
+
+
+def test_table_modulation_per_sample_and_per_token() -> None:
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(1, 3, 4, generator=generator)
+    per_sample = torch.randn(2, 3, 4, generator=generator)
+    parts = table_modulation(table, per_sample)
+    assert len(parts) == 3 and all(p.shape == (2, 1, 4) for p in parts)
+    assert torch.equal(parts[1][:, 0], table[0, 1] + per_sample[:, 1])
+    per_token = torch.randn(2, 5, 3, 4, generator=generator)
+    parts = table_modulation(table, per_token)
+    assert all(p.shape == (2, 5, 4) for p in parts)
+    assert torch.equal(parts[2], table[0, 2] + per_token[:, :, 2])
+    shared = torch.randn(2, 1, 4, generator=generator)  # one row added to every table row
+    gate = table_modulation(table, shared)[2]
+    assert torch.equal(gate[:, 0], table[0, 2] + shared[:, 0])
+    with pytest.raises(ValueError, match=r"table \[1, n, dim\]"):
+        table_modulation(table, torch.zeros(2, 2, 4))

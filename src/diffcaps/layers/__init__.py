@@ -11,7 +11,9 @@ and [batch, seq, dim] elsewhere.
   sinusoidal features and the MLPs that project conditioning to the model width.
 - :class:`FeedForward`, :class:`GELU`: the transformer MLP and its GELU projection.
 - :class:`RMSNorm`, :class:`AdaLayerNormZero`, :class:`AdaLayerNormZeroSingle`,
-  :class:`AdaLayerNormContinuous`, :func:`modulate`: norms and adaptive modulation.
+  :class:`AdaLayerNormContinuous`, :class:`FP32LayerNorm`, :func:`modulate`,
+  :func:`table_modulation`: norms and adaptive modulation (from a projection of the
+  conditioning, or a learned ``scale_shift_table`` plus the conditioning).
 """
 
 from diffcaps.layers._attention import attention as attention
@@ -25,8 +27,10 @@ from diffcaps.layers._norms import (
     AdaLayerNormContinuous as AdaLayerNormContinuous,
     AdaLayerNormZero as AdaLayerNormZero,
     AdaLayerNormZeroSingle as AdaLayerNormZeroSingle,
+    FP32LayerNorm as FP32LayerNorm,
     RMSNorm as RMSNorm,
     modulate as modulate,
+    table_modulation as table_modulation,
 )
 from diffcaps.layers._rope import (
     RotaryEmbedding as RotaryEmbedding,
@@ -39,6 +43,7 @@ __all__ = [
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
     "AdaLayerNormZeroSingle",
+    "FP32LayerNorm",
     "FeedForward",
     "GELU",
     "RMSNorm",
@@ -50,5 +55,6 @@ __all__ = [
     "grid_position_ids",
     "modulate",
     "rope_frequencies",
+    "table_modulation",
     "timestep_embedding",
 ]

@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AdaLayerNormContinuous", "AdaLayerNormZero", "AdaLayerNormZeroSingle", "RMSNorm", "modulate"]
+__all__ = [
+    "AdaLayerNormContinuous",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroSingle",
+    "FP32LayerNorm",
+    "RMSNorm",
+    "modulate",
+    "table_modulation",
+]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """``x * (1 + scale) + shift``; ``shift`` and ``scale`` broadcast against ``x``."""
     return x * (1 + scale) + shift
+
+
+def table_modulation(table: Tensor, emb: Tensor) -> tuple[Tensor, ...]:
+    """Split a learned ``scale_shift_table`` plus a projected conditioning into its modulation vectors.
+
+    ``table`` is [1, n, dim]. ``emb`` is [batch, n, dim] (one conditioning per sample: each
+    result is [batch, 1, dim]) or [batch, seq, n, dim] (one per token: each result is
+    [batch, seq, dim]); its ``n`` axis may be 1 to add the same conditioning to every row.
+    The sum is taken in the promoted dtype of the two; cast ``emb`` first to choose it.
+    Returns the ``n`` vectors in table order.
+    """
+    if (table.ndim != 3 or emb.ndim not in (3, 4) or emb.shape[-1] != table.shape[-1]
+            or emb.shape[-2] not in (1, table.shape[1])):
+        raise ValueError(f"table_modulation takes a table [1, n, dim] and a conditioning [batch, n, dim] or "
+                         f"[batch, seq, n, dim], got {list(table.shape)} and {list(emb.shape)}")
+    count = table.shape[1]
+    if emb.ndim == 3:
+        return (table + emb).chunk(count, dim=1)
+    return tuple(part.squeeze(2) for part in (table.unsqueeze(0) + emb).chunk(count, dim=2))
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """A ``LayerNorm`` computed in float32 (weights included) and returned in the input's dtype."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalise the last dimension of ``input`` in float32."""
+        # ``weight``/``bias`` are None without an affine part (torch types them as always present).
+        params = dict(self.named_parameters(recurse=False))
+        weight, bias = (p.float() if (p := params.get(name)) is not None else None for name in ("weight", "bias"))
+        return F.layer_norm(input.float(), self.normalized_shape, weight, bias, self.eps).to(input.dtype)
 
 
 class RMSNorm(nn.RMSNorm):

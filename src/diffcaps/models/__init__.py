@@ -10,7 +10,10 @@ from diffcaps.model import Model
 
 __all__ = ["model_class", "model_names"]
 
-_REGISTRY: Final = {"flux": "diffcaps.models.flux:FluxTransformer2DModel"}
+_REGISTRY: Final = {
+    "flux": "diffcaps.models.flux:FluxTransformer2DModel",
+    "wan": "diffcaps.models.wan:WanTransformer3DModel",
+}
 
 
 def model_names() -> list[str]:
