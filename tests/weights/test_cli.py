@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -249,3 +250,70 @@ def test_progress_bar_draws_only_on_a_terminal() -> None:
         bar(1, 2)
         bar(2, 2)
     assert plain.getvalue() == ""
+
+
+def _fail_after(monkeypatch: pytest.MonkeyPatch, tensors: int) -> None:
+    import diffcaps.io._streaming as streaming
+
+    original = streaming._write_tensor
+    count = 0
+
+    def failing(*args: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > tensors:
+            raise OSError(28, "No space left on device")
+        original(*args)
+
+    monkeypatch.setattr(streaming, "_write_tensor", failing)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_convert_force_keeps_the_old_folder_until_the_new_one_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_model, new_model = variant_model("flux-dev", "small", seed=1), variant_model("flux-dev", "small", seed=2)
+    folder = tmp_path / "out"
+    convert(FluxTransformer2DModel, original_file(tmp_path / "old.safetensors", old_model), folder,
+            max_shard_size="100KB")
+    assert (folder / INDEX_NAME).is_file()
+    (folder / "README.md").write_text("notes\n")
+    before = _contents(folder)
+    source = original_file(tmp_path / "new.safetensors", new_model)
+
+    _fail_after(monkeypatch, 7)
+    assert main(["convert", str(source), str(folder), "--force"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert _contents(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", "old.safetensors", "out"]
+    loaded = FluxTransformer2DModel.from_pretrained(folder)
+    assert all(torch.equal(v, old_model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    done = convert(FluxTransformer2DModel, source, folder, overwrite=True)
+    assert done.files == (folder / "diffusion_pytorch_model.safetensors", folder / "config.json")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+                                                        "diffusion_pytorch_model.safetensors"]
+    loaded = FluxTransformer2DModel.from_pretrained(folder)
+    assert all(torch.equal(v, new_model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_convert_force_keeps_the_old_file_until_the_new_one_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "folder"
+    seeded_model(variant_model("flux-dev", "small").config, seed=5).save_pretrained(folder)
+    target = original_file(tmp_path / "old.safetensors", variant_model("flux-dev", "small", seed=1))
+    before = target.read_bytes()
+    _fail_after(monkeypatch, 3)
+    with pytest.raises(OSError, match="No space left"):
+        convert(FluxTransformer2DModel, folder, target, overwrite=True)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "old.safetensors"]
+    convert(FluxTransformer2DModel, folder, target, overwrite=True)
+    converted, saved = load_single_file(FluxTransformer2DModel, target), FluxTransformer2DModel.from_pretrained(folder)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in converted.state_dict().items())
