@@ -96,6 +96,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     "diffcaps.config": [
         "DIFFUSERS_COMPAT_VERSION",
         "ModelConfig",
+        "at_least",
     ],
     "diffcaps.demo": [
         "DEMO_CONFIG",
@@ -114,6 +115,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "FormatError",
         "HookError",
         "IPAdapterError",
+        "InputError",
         "LoRAError",
         "OffloadError",
         "ParallelError",

@@ -22,6 +22,7 @@ __all__ = [
     "FormatError",
     "HookError",
     "IPAdapterError",
+    "InputError",
     "LoRAError",
     "OffloadError",
     "ParallelError",
@@ -106,6 +107,10 @@ class HookError(DiffcapsError, ValueError):
 
 class ContextError(DiffcapsError, RuntimeError):
     """A stateful hook ran outside a named state context where it needs one."""
+
+
+class InputError(DiffcapsError, ValueError):
+    """A model's forward was given an argument of the wrong shape or dtype (named, with what was expected)."""
 
 
 class CacheError(DiffcapsError, ValueError):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffcaps.errors import CapabilityError, OffloadError
+from diffcaps.errors import CapabilityError, HookError, OffloadError
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps import offload
 from diffcaps.offload import GroupOffloadingConfig
@@ -130,6 +130,59 @@ def test_bad_input_leaves_model_untouched(tmp_path: Path) -> None:
     offload.disable(model)
     offload.disable(model)  # nothing on: a no-op
     assert offload.active(model) is None and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def _unusable_devices() -> list[str]:
+    devices = ["cuda:99"]  # no machine has a hundredth GPU; a CPU build has none at all
+    if not torch.cuda.is_available():
+        devices.append("cuda")
+    if not torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+@pytest.mark.parametrize("device", _unusable_devices())
+@pytest.mark.parametrize("role", ["onload_device", "offload_device"])
+def test_a_device_torch_cannot_use_is_refused_up_front(tmp_path: Path, device: str, role: str) -> None:
+    model = seeded_model(TINY)
+    expected, before = _out(model), _state(model)
+    onload, offload_to = (device, "cpu") if role == "onload_device" else ("cpu", device)
+    bad = GroupOffloadingConfig(onload_device=onload, offload_device=offload_to, offload_to_disk_path=tmp_path / "groups")
+    with pytest.raises(OffloadError, match=rf"{role} '{device}' cannot be used by this torch build or machine: \S"):
+        offload.enable(model, bad)
+    assert offload.active(model) is None and offload.groups(model) == ()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not list((tmp_path / "groups").glob("*.safetensors"))
+    assert torch.equal(_out(model), expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    config = GroupOffloadingConfig(onload_device="cpu")
+    offload.enable(model, config)  # not stuck: a good config still works
+    assert offload.active(model) is config and torch.equal(_out(model), expected)
+    offload.disable(model)
+
+
+def test_meta_device_is_refused() -> None:
+    model = seeded_model(TINY)
+    for onload, offload_to in (("meta", "cpu"), ("cpu", "meta")):
+        with pytest.raises(OffloadError, match="'meta' holds no data"):
+            offload.enable(model, GroupOffloadingConfig(onload_device=onload, offload_device=offload_to))
+    assert offload.active(model) is None
+
+
+def test_a_failure_while_hooking_undoes_every_hook_and_file(tmp_path: Path) -> None:
+    from diffcaps.hooks import Hook, add_hook, get_hook, hooked_modules
+
+    model = seeded_model(TINY)
+    expected = _out(model)
+    squatter = Hook()
+    add_hook(model.single_transformer_blocks[1], "group_offloading", squatter)  # the name offloading uses
+    with pytest.raises(HookError, match="group_offloading"):
+        offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_to_disk_path=tmp_path))
+    assert offload.active(model) is None
+    assert [name for name, _ in hooked_modules(model)] == ["single_transformer_blocks.1"]
+    assert get_hook(model.single_transformer_blocks[1], "group_offloading") is squatter
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert torch.equal(_out(model), expected)
 
 
 def test_model_without_the_capability() -> None:

@@ -99,6 +99,17 @@ def _check_disk_folder(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def _check_device(device: torch.device, what: str) -> None:
+    """Refuse a device that this torch build or machine cannot allocate on (probed with an empty tensor)."""
+    if device.type == "meta":
+        raise OffloadError(f"{what} 'meta' holds no data: weights moved there would be lost")
+    try:
+        torch.empty(0, device=device)
+    except Exception as exc:  # each backend fails its own way: AssertionError for CUDA on a CPU build, …
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise OffloadError(f"{what} {str(device)!r} cannot be used by this torch build or machine: {reason}") from None
+
+
 def enable(model: SupportsGroupOffloading, config: GroupOffloadingConfig) -> None:
     """Keep the model's weights off the compute device and bring each group in only to run.
 
@@ -110,6 +121,8 @@ def enable(model: SupportsGroupOffloading, config: GroupOffloadingConfig) -> Non
     module, service = require(model, "group_offloading")
     if _SLOT.get(module) is not None:
         raise OffloadError(f"group offloading is already enabled on this {type(module).__name__}; disable it first")
+    _check_device(config.onload_device, "onload_device")
+    _check_device(config.offload_device, "offload_device")
     if config.use_stream and not torch.cuda.is_available():
         raise OffloadError("use_stream=True needs CUDA and a CUDA onload_device")
     disk = _check_disk_folder(config.offload_to_disk_path) if config.offload_to_disk_path is not None else None
@@ -149,11 +162,12 @@ def enable(model: SupportsGroupOffloading, config: GroupOffloadingConfig) -> Non
                 assert g.file is not None
                 written.append(g.file)
             g.adopt()
-    except BaseException:
+        _install_hooks(module, state)
+    except BaseException:  # nothing has moved yet: undo the hooks and files, and the model is as it was
+        _remove_hooks(state)
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    _install_hooks(module, state)
     _SLOT.set(module, state)
     for g in [*groups, rest]:
         g.offload()
@@ -197,8 +211,16 @@ def _install_hooks(model: nn.Module, state: OffloadState) -> None:
             state.hooked.append(first)
         else:
             add_hook(first, HOOK_NAME, _GroupHook(state, onload=g, offload=None, prefetch=following))
+            state.hooked.append(first)
             add_hook(last, HOOK_NAME, _GroupHook(state, onload=None, offload=g))
-            state.hooked += [first, last]
+            state.hooked.append(last)
+
+
+def _remove_hooks(state: OffloadState) -> None:
+    for module in state.hooked:
+        if get_hook(module, HOOK_NAME) is not None:
+            remove_hook(module, HOOK_NAME)
+    state.hooked.clear()
 
 
 def disable(model: SupportsGroupOffloading) -> None:
@@ -212,9 +234,7 @@ def disable(model: SupportsGroupOffloading) -> None:
         return
     for g in [*state.groups, state.rest]:
         g.restore()
-    for module in state.hooked:
-        if get_hook(module, HOOK_NAME) is not None:
-            remove_hook(module, HOOK_NAME)
+    _remove_hooks(state)
     for g in state.groups:
         if g.file is not None:
             g.file.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from diffcaps.cache.spec import CacheSupport
 from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
+from diffcaps.errors import InputError
 from diffcaps.layers import AdaLayerNormContinuous, RotaryEmbedding
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
@@ -62,6 +63,54 @@ class FluxOutput:
     """
 
     sample: Tensor
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return f"{value!r:.60} ({type(value).__name__})"
+
+
+def _expect(ok: bool, name: str, expected: str, value: object) -> None:
+    # Callers pass shape and dtype comparisons only; the message is built when one fails.
+    if not ok:
+        raise InputError(f"forward argument {name!r}: expected {expected}, got {_shown(value)}")
+
+
+def _check_inputs(config: FluxConfig, hidden_states: object, encoder_hidden_states: object,
+                  pooled_projections: object, timestep: object, img_ids: object, txt_ids: object,
+                  guidance: object) -> None:
+    """Refuse arguments whose shape or dtype the model cannot take, naming the argument.
+
+    The conditioning vectors (pooled text, timestep, guidance) may have batch 1: they broadcast.
+    """
+    tensor = "a float tensor"
+    x = hidden_states
+    _expect(isinstance(x, Tensor) and x.is_floating_point() and x.ndim == 3 and x.shape[2] == config.in_channels,
+            "hidden_states", f"{tensor} [batch, image_tokens, {config.in_channels}]", x)
+    assert isinstance(x, Tensor)
+    batch, image_tokens = x.shape[0], x.shape[1]
+    sizes = f"batch 1 or {batch}"
+    e = encoder_hidden_states
+    _expect(isinstance(e, Tensor) and e.is_floating_point() and e.ndim == 3
+            and e.shape[2] == config.joint_attention_dim and e.shape[0] == batch,
+            "encoder_hidden_states", f"{tensor} [{batch}, text_tokens, {config.joint_attention_dim}]", e)
+    assert isinstance(e, Tensor)
+    p = pooled_projections
+    _expect(isinstance(p, Tensor) and p.is_floating_point() and p.ndim == 2
+            and p.shape[1] == config.pooled_projection_dim and p.shape[0] in (1, batch),
+            "pooled_projections", f"{tensor} [batch, {config.pooled_projection_dim}] ({sizes})", p)
+    steps: list[tuple[str, object]] = [("timestep", timestep)]
+    if config.guidance_embeds:
+        _expect(guidance is not None, "guidance", "a tensor [batch] (this model embeds guidance)", guidance)
+        steps.append(("guidance", guidance))
+    for name, t in steps:
+        _expect(isinstance(t, Tensor) and not t.is_complex() and t.dtype != torch.bool and t.ndim == 1
+                and t.shape[0] in (1, batch), name, f"a real tensor [batch] ({sizes})", t)
+    for name, ids, tokens, stream in (("img_ids", img_ids, image_tokens, "hidden_states"),
+                                      ("txt_ids", txt_ids, e.shape[1], "encoder_hidden_states")):
+        _expect(isinstance(ids, Tensor) and ids.ndim in (2, 3) and ids.shape[-1] == 3 and ids.shape[-2] == tokens,
+                name, f"a tensor [{tokens}, 3] (one (t, h, w) id per token of {stream})", ids)
 
 
 def _residual_index(index: int, count: int, samples: int, repeat: bool) -> int:
@@ -131,6 +180,8 @@ class FluxTransformer2DModel(Model[FluxConfig, FluxCapabilities]):
         IP-Adapters loaded (:mod:`diffcaps.ip_adapter`), ``joint_attention_kwargs`` carries
         ``ip_adapter_image_embeds``: one image embedding tensor per adapter, in load order.
         """
+        _check_inputs(self.config, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                      img_ids, txt_ids, guidance)
         hidden_states = self.x_embedder(hidden_states)
         timestep = timestep.to(hidden_states.dtype) * 1000
         if guidance is not None:
