@@ -52,3 +52,12 @@ def test_patterns_checks_each_item_and_compiles_it() -> None:
         checks.patterns(["("], "p", CacheError)
     with pytest.raises(CacheError, match="list of regular expressions, got 3"):
         checks.patterns(3, "p", CacheError)
+
+
+def test_name_is_a_non_empty_string_without_forbidden_characters() -> None:
+    assert checks.name("style", "adapter_name", CacheError, forbidden=".") == "style"
+    for bad in ("", 5, None, ["a"]):
+        with pytest.raises(CacheError, match="adapter_name must be a non-empty string"):
+            checks.name(bad, "adapter_name", CacheError, forbidden=".")
+    with pytest.raises(CacheError, match=r"adapter_name must not contain '\.', got 'a\.b'"):
+        checks.name("a.b", "adapter_name", CacheError, forbidden=".")

@@ -79,6 +79,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "flag",
         "instance",
         "integer",
+        "name",
         "number",
         "patterns",
     ],

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["flag", "instance", "integer", "number", "patterns"]
+__all__ = ["flag", "instance", "integer", "name", "number", "patterns"]
 
 _T = TypeVar("_T")
 
@@ -35,6 +35,16 @@ def flag(value: object, what: str, error: ErrorType) -> bool:
     """``value`` if it is ``True`` or ``False`` (not 0, 1 or a string)."""
     if not isinstance(value, bool):
         raise error(f"{what} must be True or False, got {_shown(value)}")
+    return value
+
+
+def name(value: object, what: str, error: ErrorType, *, forbidden: str = "") -> str:
+    """``value`` if it is a non-empty string holding none of the characters in ``forbidden``."""
+    if not isinstance(value, str) or not value:
+        raise error(f"{what} must be a non-empty string, got {_shown(value)}")
+    bad = sorted({c for c in value if c in forbidden})
+    if bad:
+        raise error(f"{what} must not contain {' or '.join(map(repr, bad))}, got {value!r}")
     return value
 
 

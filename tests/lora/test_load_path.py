@@ -14,9 +14,9 @@ from tests.flux_fixtures import TINY, seeded_model
 from tests.lora._files import diffusers_style
 
 _ROOT = Path(diffcaps.__file__).parent
-_CORE = {"protocols.py", "model.py", "slots.py", "config.py"}
-"""What every feature call visits (``require``, the capabilities property, the state slot) and
-``config.py``, whose ``to_dict`` peft calls while injecting."""
+_CORE = {"protocols.py", "model.py", "slots.py", "config.py", "checks.py"}
+"""What every feature call visits (``require``, the capabilities property, the state slot, the
+argument checks) and ``config.py``, whose ``to_dict`` peft calls while injecting."""
 
 
 def _visits(call: Any) -> tuple[set[str], Counter[str]]:

@@ -11,14 +11,16 @@ matrix is block-diagonal (kohya's ``split_qkv``) splits in the rank too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Final, Literal, TypeAlias
+from typing import ClassVar, Final, Literal, TypeAlias, cast
 
 import attrs
 import torch
 from torch import Tensor
 
+from diffcaps import checks
 from diffcaps.errors import FormatError, ShapeError
 from diffcaps.weights.spec import SWAP_HALVES
 
@@ -156,8 +158,29 @@ _LOKR_ROLES: Final = frozenset(r for r in LYCORIS_SUFFIXES if r.startswith("lokr
 _LOHA_ROLES: Final = frozenset(r for r in LYCORIS_SUFFIXES if r.startswith("hada_"))
 
 
-def _as_float(value: Tensor | float) -> float:
-    return float(value.item() if isinstance(value, Tensor) else value)
+def _alpha(module: str, alpha: Tensor) -> float:
+    if alpha.numel() != 1:
+        raise ShapeError(f"{module}.alpha has shape {_shape(alpha)}: an alpha is one number")
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        raise FormatError(f"{module}.alpha holds {alpha.dtype}: an alpha is a real number")
+    value = float(alpha.item())
+    if not math.isfinite(value):
+        raise FormatError(f"{module}.alpha is {value}: an alpha is a finite number")
+    return value
+
+
+def _matrices(module: str, **tensors: Tensor) -> None:
+    for role, t in tensors.items():
+        if t.ndim != 2:
+            raise ShapeError(f"{module}: {role} has shape {_shape(t)}, expected a matrix")
+        if not t.is_floating_point():
+            raise FormatError(f"{module}: {role} holds {t.dtype}, expected floating-point weights")
+
+
+def _rank(module: str, rank: int, what: str) -> int:
+    if rank < 1:
+        raise ShapeError(f"{module}: {what} has rank {rank}; an adapter's rank is at least 1")
+    return rank
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -195,12 +218,15 @@ def _lora(module: str, parts: Mapping[str, Tensor], alpha: Tensor | None,
     down, up = _need(module, parts, "down", "up")
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise ShapeError(f"{module}: down {_shape(down)} and up {_shape(up)} are not a [rank, in] / [out, rank] pair")
+    _matrices(module, down=down, up=up)
     bias = parts.get("bias")
     if bias is not None and tuple(bias.shape) != (up.shape[0],):
         raise ShapeError(f"{module}: bias {_shape(bias)} does not match up {_shape(up)}")
-    rank = down.shape[0]
+    if bias is not None and not bias.is_floating_point():
+        raise FormatError(f"{module}: bias holds {bias.dtype}, expected floating-point weights")
+    rank = _rank(module, down.shape[0], f"down {_shape(down)}")
     if alpha is not None:
-        scale = _as_float(alpha) / rank
+        scale = _alpha(module, alpha) / rank
     else:
         scale = default_scale(rank) if default_scale is not None else 1.0
     return LoRAWeights(down=down, up=up, scale=scale, bias=bias)
@@ -208,10 +234,13 @@ def _lora(module: str, parts: Mapping[str, Tensor], alpha: Tensor | None,
 
 def _factor(module: str, parts: Mapping[str, Tensor], name: str) -> Tensor | tuple[Tensor, Tensor]:
     if name in parts:
+        _matrices(module, **{name: parts[name]})
         return parts[name]
     a, b = _need(module, parts, f"{name}_a", f"{name}_b")
+    _matrices(module, **{f"{name}_a": a, f"{name}_b": b})
     if a.shape[1] != b.shape[0]:
         raise ShapeError(f"{module}: {name}_a {_shape(a)} and {name}_b {_shape(b)} do not multiply")
+    _rank(module, a.shape[1], f"{name}_a {_shape(a)}")
     return a, b
 
 
@@ -221,8 +250,10 @@ def _lokr(module: str, parts: Mapping[str, Tensor], alpha: Tensor | None) -> LoK
     w1, w2 = _factor(module, parts, "lokr_w1"), _factor(module, parts, "lokr_w2")
     decomposed = isinstance(w1, tuple) or isinstance(w2, tuple)
     weights = LoKrWeights(w1=w1, w2=w2, scale=1.0)
-    if alpha is not None and decomposed:
-        weights = attrs.evolve(weights, scale=_as_float(alpha) / weights.rank)
+    if alpha is not None:
+        value = _alpha(module, alpha)
+        if decomposed:
+            weights = attrs.evolve(weights, scale=value / weights.rank)
     return weights
 
 
@@ -230,11 +261,14 @@ def _loha(module: str, parts: Mapping[str, Tensor], alpha: Tensor | None) -> LoH
     if "hada_t1" in parts or "hada_t2" in parts:
         raise FormatError(f"{module}: hada_t1/hada_t2 (Tucker cores for convolutions) have no meaning on a linear module")
     w1_a, w1_b, w2_a, w2_b = _need(module, parts, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    _matrices(module, hada_w1_a=w1_a, hada_w1_b=w1_b, hada_w2_a=w2_a, hada_w2_b=w2_b)
     if w1_a.shape[1] != w1_b.shape[0] or w2_a.shape[1] != w2_b.shape[0] or \
             (w1_a.shape[0], w1_b.shape[1]) != (w2_a.shape[0], w2_b.shape[1]):
         raise ShapeError(f"{module}: LoHa factors {_shape(w1_a)}, {_shape(w1_b)}, {_shape(w2_a)}, "
                          f"{_shape(w2_b)} do not form two products of one shape")
-    scale = _as_float(alpha) / w1_b.shape[0] if alpha is not None else 1.0
+    rank = _rank(module, w1_b.shape[0], f"hada_w1_b {_shape(w1_b)}")
+    _rank(module, w2_b.shape[0], f"hada_w2_b {_shape(w2_b)}")
+    scale = _alpha(module, alpha) / rank if alpha is not None else 1.0
     return LoHaWeights(w1_a=w1_a, w1_b=w1_b, w2_a=w2_a, w2_b=w2_b, scale=scale)
 
 
@@ -244,32 +278,56 @@ def metadata_scale(metadata: Mapping[str, str], component: str) -> Callable[[str
     Returns ``(module path, rank) → alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``),
     where alpha follows the config's ``alpha_pattern`` as peft matches it, else ``lora_alpha``;
     ``None`` if the header has no such entry. ``component`` is the prefix diffusers gives the
-    config keys (``"transformer"``).
+    config keys (``"transformer"``). The fields read are checked here, before any module is
+    scaled: a JSON object, finite numbers, regular expressions, a boolean; a violation is a
+    :class:`~diffcaps.errors.FormatError` naming the field.
     """
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if raw is None:
         return None
+    entry = f"the {ADAPTER_METADATA_KEY!r} header entry"
     try:
-        parsed: Any = json.loads(raw)
+        parsed: object = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise FormatError(f"the {ADAPTER_METADATA_KEY!r} header entry is not JSON: {exc}") from None
+        raise FormatError(f"{entry} is not JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{entry} nests too deeply to be a peft config") from None
+    if not isinstance(parsed, dict):
+        raise FormatError(f"{entry} must be a JSON object (a peft config), got {type(parsed).__name__}")
     prefix = f"{component}."
-    config = {k.removeprefix(prefix): v for k, v in dict(parsed).items() if k.startswith(prefix) or "." not in k}
-    default_alpha = config.get("lora_alpha")
-    patterns: Mapping[str, float] = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    fields: dict[str, object] = {str(k): v for k, v in cast(dict[object, object], parsed).items()}
+    config = {k.removeprefix(prefix): v for k, v in fields.items() if k.startswith(prefix) or "." not in k}
+
+    def field(name: str) -> str:
+        return f"{entry}: field {prefix}{name}"
+
+    raw_alpha = config.get("lora_alpha")
+    default_alpha = None if raw_alpha is None else checks.number(raw_alpha, field("lora_alpha"), FormatError)
+    raw_patterns = config.get("alpha_pattern") or {}
+    if not isinstance(raw_patterns, dict):
+        raise FormatError(f"{field('alpha_pattern')} must map module patterns to numbers, "
+                          f"got {type(raw_patterns).__name__}")
+    items = list(cast(dict[str, object], raw_patterns).items())
+    checks.patterns([key for key, _ in items], field("alpha_pattern"), FormatError)
+    patterns = [(_peft_pattern(key, field("alpha_pattern")),
+                 checks.number(value, f"{field('alpha_pattern')}[{key!r}]", FormatError)) for key, value in items]
+    rslora = checks.flag(config.get("use_rslora", False), field("use_rslora"), FormatError)
 
     def scale(module: str, rank: int) -> float:
-        alpha = next((float(v) for key, v in patterns.items() if _peft_pattern_matches(key, module)), None)
+        alpha = next((v for pattern, v in patterns if pattern.match(module)), None)
         if alpha is None:
-            alpha = float(default_alpha) if default_alpha is not None else float(rank)
+            alpha = default_alpha if default_alpha is not None else float(rank)
         return alpha / (rank ** 0.5 if rslora else rank)
 
     return scale
 
 
-def _peft_pattern_matches(pattern: str, module: str) -> bool:
-    return re.match(rf"(.*\.)?({pattern})$", module) is not None
+def _peft_pattern(pattern: str, what: str) -> re.Pattern[str]:
+    # peft matches an alpha_pattern key against the end of a module path, at a dot
+    try:
+        return re.compile(rf"(.*\.)?({pattern})$")
+    except re.error as exc:
+        raise FormatError(f"{what} entry {pattern!r} is not a regular expression peft can use ({exc})") from None
 
 
 def split_rows(t: Tensor, sizes: Sequence[int]) -> list[Tensor]:

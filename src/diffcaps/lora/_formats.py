@@ -306,6 +306,10 @@ class _Builder:
         if model_param is None:
             self.unmatched[key] = f"{module!r} has no parameter {param!r} to patch"
             return
+        if value.ndim == 0:
+            raise ShapeError(f"{key}: a 0-dimensional tensor cannot replace or shift {module!r}'s {param!r}")
+        if not value.is_floating_point():
+            raise FormatError(f"{key} holds {value.dtype}, expected floating-point weights")
         if placement.swap_halves:
             value = swapped_rows(value)
         sizes = placement.split_sizes(value.shape[0], key, value.shape)

@@ -14,6 +14,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from diffcaps import checks
 from diffcaps.errors import LoRAError
 from diffcaps.lora import _peft
 from diffcaps.lora._adapters import LoRAWeights
@@ -31,8 +32,7 @@ def enable_hotswap(model: SupportsLoRA, *, max_rank: int) -> None:
     to ``max_rank`` can then replace an adapter with ``load_adapter(..., hotswap=True)``.
     """
     module, _ = require(model, "lora")
-    if max_rank < 1:
-        raise LoRAError(f"max_rank must be positive, got {max_rank}")
+    checks.integer(max_rank, "max_rank", LoRAError, minimum=1)
     state = SLOT.get(module)
     if state is not None and state.adapters:
         raise LoRAError("enable_hotswap must be called before the first adapter is loaded "

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, overload
+from typing import Any, Literal, NoReturn, cast, overload
 
 import torch
 from torch import nn
 from typing_extensions import deprecated
 
+from diffcaps import checks
 from diffcaps.errors import LoRAError
 from diffcaps.io import save_safetensors
 from diffcaps.lora import _peft
@@ -59,8 +60,16 @@ def _state(model: SupportsLoRA) -> tuple[nn.Module, LoRAState]:
     return module, state
 
 
-def _names(state: LoRAState, names: str | Sequence[str]) -> list[str]:
-    chosen = [names] if isinstance(names, str) else list(names)
+def _names(state: LoRAState, names: object) -> list[str]:
+    if isinstance(names, str):
+        chosen = [names]
+    elif isinstance(names, Sequence):
+        chosen = [checks.instance(n, str, "an adapter name", LoRAError) for n in cast(Sequence[object], names)]
+    else:
+        raise LoRAError(f"adapter names must be a name or a list of names, got {names!r}")
+    twice = sorted({n for n in chosen if chosen.count(n) > 1})
+    if twice:
+        raise LoRAError(f"adapter(s) {', '.join(map(repr, twice))} named more than once")
     unknown = [n for n in chosen if n not in state.adapters]
     if unknown:
         raise LoRAError(f"no adapter named {', '.join(map(repr, unknown))} is loaded "
@@ -116,19 +125,21 @@ def set_adapters(
     module, state = _state(model)
     chosen = _names(state, names)
     _not_fused(state, "change adapter weights")
-    _no_bools(weights)
-    if weights is None or isinstance(weights, (int, float, Mapping)):
-        per_adapter: list[AdapterWeight | None] = [weights] * len(chosen)
+    given: object = weights
+    if given is None or isinstance(given, (int, float, Mapping)):
+        per_adapter: list[object] = [given] * len(chosen)
+    elif isinstance(given, (list, tuple)):
+        per_adapter = list(cast(Sequence[object], given))
     else:
-        per_adapter = list(weights)
+        raise LoRAError(f"adapter weights must be a number, a mapping or a list of them, got {given!r}")
     if len(per_adapter) != len(chosen):
         raise LoRAError(f"{len(chosen)} adapter(s) but {len(per_adapter)} weight(s)")
     paths = [name for name, _ in module.named_modules()]
     resolved: dict[str, float | dict[str, float]] = {}
     for name, weight in zip(chosen, per_adapter):
-        value: AdapterWeight = 1.0 if weight is None else weight
+        value = _weight(1.0 if weight is None else weight, name)
         check_prefixes(value, paths, name)
-        resolved[name] = dict(value) if isinstance(value, Mapping) else float(value)
+        resolved[name] = value
     for name, value in resolved.items():
         for path in state.adapters[name].targets:
             _peft.set_weight(_peft.layer_at(module, path), name, weight_for(value, path))
@@ -140,13 +151,19 @@ def set_adapters(
     state.weights.update(resolved)
 
 
-def _no_bools(weights: object) -> None:
-    values = weights if isinstance(weights, (list, tuple)) else [weights]
-    for value in values:
-        inner = value.values() if isinstance(value, Mapping) else [value]
-        if any(isinstance(v, bool) for v in inner):
-            raise LoRAError(f"adapter weights are numbers, got {weights!r}: True/False is not a weight "
-                            "(use 1.0/0.0, or lora.enable/lora.disable)")
+def _weight(value: object, adapter: str) -> float | dict[str, float]:
+    what = f"the weight of adapter {adapter!r}"
+    if isinstance(value, bool) or (isinstance(value, Mapping) and any(
+            isinstance(v, bool) for v in cast(Mapping[object, object], value).values())):
+        raise LoRAError(f"{what} must be a number, got {value!r}: True/False is not a weight "
+                        "(use 1.0/0.0, or lora.enable/lora.disable)")
+    if not isinstance(value, Mapping):
+        return checks.number(value, what, LoRAError)
+    resolved: dict[str, float] = {}
+    for prefix, number in cast(Mapping[object, object], value).items():
+        key = checks.instance(prefix, str, f"{what}: a module-path prefix", LoRAError)
+        resolved[key] = checks.number(number, f"{what} at {key!r}", LoRAError)
+    return resolved
 
 
 def _enable(model: SupportsLoRA, enabled: bool) -> None:
@@ -177,9 +194,10 @@ def fuse(model: SupportsLoRA, adapter_names: Sequence[str] | None = None, scale:
     so :func:`unfuse` restores them bit for bit. Fusing again adds further adapters.
     """
     module, state = _state(model)
+    scale = checks.number(scale, "fuse scale", LoRAError)
     if not state.enabled:
         raise LoRAError("adapters are disabled; enable them before fusing")
-    names = _names(state, list(adapter_names) if adapter_names is not None else list(state.active))
+    names = _names(state, adapter_names if adapter_names is not None else list(state.active))
     twice = [n for n in names if n in state.fused_adapters]
     if twice:
         raise LoRAError(f"adapters {twice} are already fused")

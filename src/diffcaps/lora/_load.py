@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 from torch import Tensor, nn
 
+from diffcaps import checks
 from diffcaps.errors import FormatError, LoRAError, ShapeError
 from diffcaps.io import SafetensorsReader
 from diffcaps.lora import _peft
@@ -36,24 +37,49 @@ _SHOWN = 8
 
 
 class _Tensors(Mapping[str, Tensor]):
-    """A file's tensors, read when first asked for (skipped text-encoder tensors are never read)."""
+    """A file's (or state dict's) tensors, each checked when first asked for.
 
-    def __init__(self, reader: SafetensorsReader) -> None:
-        self._reader = reader
+    Skipped text-encoder tensors are never read. A tensor must be floating point (an integer
+    scalar passes: an alpha) and finite; anything else is a :class:`FormatError` naming the key.
+    """
+
+    def __init__(self, source: SafetensorsReader | Mapping[str, Tensor]) -> None:
+        self._source = source
         self._cache: dict[str, Tensor] = {}
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._cache:
-            if key not in self._reader:
+            if key not in self._source:
                 raise KeyError(key)
-            self._cache[key] = self._reader.get(key)
+            source = self._source
+            self._cache[key] = _checked(key, source.get(key) if isinstance(source, SafetensorsReader) else source[key])
         return self._cache[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._reader)
+        return iter(self._source)
 
     def __len__(self) -> int:
-        return len(self._reader.keys())
+        source = self._source
+        return len(source.keys()) if isinstance(source, SafetensorsReader) else len(source)
+
+
+def _checked(key: str, tensor: object) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise FormatError(f"{key} is a {type(tensor).__name__}, expected a tensor")
+    if tensor.dtype == torch.bool or tensor.is_complex() or \
+            (not tensor.is_floating_point() and tensor.numel() != 1):
+        raise FormatError(f"{key} holds {tensor.dtype}, expected floating-point weights")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+        raise FormatError(f"{key} holds {bad} values")
+    return tensor
+
+
+def _state_dict(source: Mapping[object, object], label: str) -> Mapping[str, Tensor]:
+    for key in source:
+        if not isinstance(key, str):
+            raise FormatError(f"{label}: a LoRA state dict's keys are strings, got {key!r}")
+    return cast(Mapping[str, Tensor], source)  # each value is checked when read (_Tensors)
 
 
 def _listing(keys: Mapping[str, str] | list[str], limit: int = _SHOWN) -> str:
@@ -125,6 +151,11 @@ def _check_linear(module: nn.Module, path: str, w: TargetWeights, service: LoRAS
             f"(out × in, rank {w.rank})",
             path=label,
         )
+    # a rank above the smaller side is still a valid update (trainers give Flux's 64-input img_in the
+    # rank of every other module); above both sides it is no low-rank update of this module at all
+    if w.rank > max(rows, cols):
+        raise ShapeError(f"{source!r} → {path}: rank {w.rank} exceeds both sides of the module ({what})",
+                         path=label)
     if isinstance(w, LoRAWeights) and w.bias is not None and getattr(base, "bias", None) is None:
         raise ShapeError(f"{source!r} → {path}: the adapter shifts a bias the module does not have", path=label)
     if cols > base.in_features:
@@ -181,6 +212,9 @@ def load_adapter(
     model is left exactly as it was.
     """
     module, service = require(model, "lora")
+    checks.name(adapter_name, "adapter_name", LoRAError, forbidden=".")
+    checks.flag(strict, "strict", LoRAError)
+    checks.flag(hotswap, "hotswap", LoRAError)
     state = SLOT.get(module)
     loaded = state.adapters if state is not None else {}
     if hotswap and adapter_name not in loaded:
@@ -193,8 +227,11 @@ def load_adapter(
         raise LoRAError("the model has fused adapters; unfuse it before loading another adapter")
     if isinstance(source, Mapping):
         label = "<state dict>"
-        fmt = _detect(service, list(source), label)
-        plan = _plan(module, service, fmt, _convert(fmt, source, module, {}, label), label, strict)
+        tensors = _state_dict(cast(Mapping[object, object], source), label)
+        fmt = _detect(service, list(tensors), label)
+        plan = _plan(module, service, fmt, _convert(fmt, _Tensors(tensors), module, {}, label), label, strict)
+    elif not isinstance(cast(object, source), str | os.PathLike):
+        raise LoRAError(f"source must be a file path or a state dict, got {type(source).__name__}")
     else:
         label = str(Path(source))
         with SafetensorsReader(source) as reader:  # the header is parsed once, here
