@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Final
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Final, cast
 
 import attrs
 import torch
 
 from diffcaps.errors import CheckpointError, ConfigError
-from diffcaps.io._safetensors import SafetensorsHeader, TensorInfo, read_header
+from diffcaps.io._safetensors import DuplicateKey, SafetensorsHeader, TensorInfo, read_header, strict_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -56,9 +55,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     """Read ``config.json`` as a JSON object."""
     path = folder / CONFIG_NAME
     try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable config ({exc})") from None
+        data: Any = strict_json(path.read_text(encoding="utf-8"))
+    except DuplicateKey as duplicate:
+        raise ConfigError(f"{path}: the config sets {duplicate.key!r} twice") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise ConfigError(f"{path}: unreadable config ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -86,12 +87,38 @@ def _single_file_source(path: Path) -> WeightSource:
     )
 
 
-def _sharded_source(index_path: Path) -> WeightSource:
+def _plain_name(name: str) -> bool:
+    """A file name with no directory part, on any system: no separator, drive, ``.`` or ``..``."""
+    return (
+        name not in ("", ".", "..") and "\0" not in name
+        and PurePosixPath(name).name == name and PureWindowsPath(name).name == name
+    )
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor → shard file name), every entry checked."""
     try:
-        index: Any = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map: Mapping[str, str] = index["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"unreadable shard index ({exc!r})", path=index_path) from None
+        index: Any = strict_json(index_path.read_text(encoding="utf-8"))
+    except DuplicateKey as duplicate:
+        raise CheckpointError(f"the index lists {duplicate.key!r} twice", path=index_path) from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"unreadable shard index ({str(exc)[:200]})", path=index_path) from None
+    weight_map: object = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError("a shard index must be a JSON object with a weight_map object", path=index_path)
+    for key, shard in cast(dict[str, object], weight_map).items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"weight_map places {key!r} in {shard!r}, not a file name", path=index_path)
+        if not _plain_name(shard):
+            raise CheckpointError(
+                f"weight_map places {key!r} in {shard!r}: shards must be plain file names in the index's folder",
+                path=index_path,
+            )
+    return cast(dict[str, str], weight_map)
+
+
+def _sharded_source(index_path: Path) -> WeightSource:
+    weight_map = _weight_map(index_path)
     entries: dict[str, tuple[Path, TensorInfo]] = {}
     files: list[Path] = []
     headers: dict[Path, SafetensorsHeader] = {}
@@ -101,12 +128,18 @@ def _sharded_source(index_path: Path) -> WeightSource:
             raise CheckpointError(f"the index names shard {shard_name!r}, which is missing", path=index_path)
         files.append(shard)
         header = headers[shard] = read_header(shard)
+        for key in header.tensors:
+            placed = weight_map.get(key)
+            if placed is None:
+                raise CheckpointError(f"tensor {key!r} is in the shard but not in the index", path=shard)
+            if placed != shard_name:
+                raise CheckpointError(
+                    f"tensor {key!r} is in this shard and, as the index says, in {placed!r}", path=shard
+                )
         for key in (k for k, v in weight_map.items() if v == shard_name):
             if key not in header.tensors:
                 raise CheckpointError(f"the index places {key!r} here, but the shard lacks it", path=shard)
             entries[key] = (shard, header.tensors[key])
-        for key in header.tensors.keys() - weight_map.keys():
-            raise CheckpointError(f"tensor {key!r} is in the shard but not in the index", path=shard)
     return WeightSource(files=tuple(files), entries=entries, headers=headers)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from diffcaps.errors import CheckpointError
 
-__all__ = ["DTYPES", "SafetensorsHeader", "TensorInfo", "publish", "read_header"]
+__all__ = ["DTYPES", "DuplicateKey", "SafetensorsHeader", "TensorInfo", "publish", "read_header", "strict_json"]
 
 DTYPES: Final[Mapping[str, torch.dtype]] = {
     "F64": torch.float64,
@@ -83,8 +83,11 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class _Duplicate(Exception):
+class DuplicateKey(Exception):
+    """A JSON object names one key twice (``json`` would silently keep the last)."""
+
     def __init__(self, key: str) -> None:
+        super().__init__(key)
         self.key = key
 
 
@@ -92,7 +95,7 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _Duplicate(key)
+            raise DuplicateKey(key)
         result[key] = value
     return result
 
@@ -101,10 +104,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def strict_json(text: str) -> Any:
+    """``json.loads`` refusing what the JSON standard does: ``NaN``/``Infinity`` and repeated keys.
+
+    Raises ``DuplicateKey``, ``ValueError`` (bad JSON, integers too long) or ``RecursionError``.
+    """
+    return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+
+
 def _parse(path: Path, raw: bytes) -> dict[str, Any]:
     try:
-        parsed: Any = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_no_constant)
-    except _Duplicate as duplicate:
+        parsed: Any = strict_json(raw.decode("utf-8"))
+    except DuplicateKey as duplicate:
         raise CheckpointError(f"the header names {duplicate.key!r} twice", path=path) from None
     except RecursionError:
         raise _not_safetensors(path, "the header nests too deeply") from None
