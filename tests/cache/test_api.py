@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -177,6 +178,29 @@ def test_context_without_a_cache_does_nothing() -> None:
     inputs = flux_inputs(TINY)
     with cache.context(model, "cond", timestep=1.0):
         assert torch.equal(_forward(model, inputs), _forward(seeded_model(TINY), inputs))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_context_arguments_are_checked(enabled: bool) -> None:
+    model = seeded_model(TINY)
+    if enabled:
+        cache.enable(model, cache.FirstBlockCacheConfig())
+    for bad in ("", ["cond"], 1, None):
+        with pytest.raises(ContextError, match=rf"a non-empty string such as 'cond' or 'uncond'; got {re.escape(repr(bad))} "):
+            with cache.context(model, bad):  # type: ignore[arg-type]
+                pass
+    for step, shown in (("500", "'500' (str)"), (float("nan"), "nan (float)"), (True, "True (bool)")):
+        with pytest.raises(CacheError, match=re.escape(f"timestep must be a finite number, got {shown}")):
+            with cache.context(model, "cond", timestep=step):  # type: ignore[arg-type]
+                pass
+    for tensor in (torch.zeros(0), torch.ones(1, dtype=torch.bool)):
+        with pytest.raises(CacheError, match="timestep must be a number or a non-empty real tensor"):
+            with cache.context(model, "cond", timestep=tensor):
+                pass
+    with cache.context(model, "cond", timestep=torch.tensor([3])):
+        _forward(model, flux_inputs(TINY))
+    if enabled:
+        assert set(cache.stats(model).contexts) == {"cond"}  # only the good context ran
 
 
 def test_contexts_keep_separate_state() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import pytest
@@ -179,9 +180,11 @@ def test_a_default_context_makes_contexts_optional() -> None:
         assert state.get() == {}
     assert state.get() == {"n": 1}
     assert state.context is context
-    with pytest.raises(ContextError, match="non-empty"):
-        with context.use(""):
-            pass
+    for bad in ("", ["cond"], 0):
+        with pytest.raises(ContextError, match=f"non-empty string, got {re.escape(repr(bad))}"):
+            with context.use(bad):  # type: ignore[arg-type]
+                pass
+    assert context.active is None and state.get() == {"n": 1}
 
 
 def test_a_hook_that_overrides_nothing_is_transparent() -> None:

@@ -9,6 +9,7 @@ from typing import Final, cast
 import torch
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.cache._config import (
     CacheConfig,
     FasterCacheConfig,
@@ -26,7 +27,7 @@ from diffcaps.cache._session import CacheSession
 from diffcaps.cache._stats import CacheStats
 from diffcaps.cache._targets import HookPlacement
 from diffcaps.cache._taylorseer import plan_taylorseer_cache
-from diffcaps.errors import CacheError
+from diffcaps.errors import CacheError, ContextError
 from diffcaps.hooks import add_hook, remove_hook
 from diffcaps.protocols import SupportsCache, require
 from diffcaps.slots import InstanceSlot
@@ -125,17 +126,19 @@ def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor |
 
     ``timestep`` is the step's timestep on the scale of the config's timestep ranges (diffusers
     uses the scheduler's 0–1000); Pyramid Attention Broadcast and FasterCache read it unless
-    the config has a ``current_timestep_callback``. With no cache enabled this does nothing,
-    so a denoising loop can always wrap its calls.
+    the config has a ``current_timestep_callback``. With no cache enabled this does nothing
+    but check its arguments, so a denoising loop can always wrap its calls. A name that is not
+    a non-empty string is a :class:`~diffcaps.errors.ContextError`.
     """
+    given = cast(object, name)  # callers may ignore the annotation
+    if not (isinstance(given, str) and given):
+        raise ContextError(f"a cache context needs a name, a non-empty string such as 'cond' or 'uncond'; "
+                           f"got {given!r} ({type(given).__name__})")
+    value = _timestep(timestep)
     session = _session(model)
     if session is None:
         yield
         return
-    if not name:
-        raise CacheError("a cache context needs a name, such as 'cond' or 'uncond'")
-    value = None if timestep is None else float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) \
-        else float(timestep)
     context, clock = session.context, session.clock
     outer_name, context.active = context.active, name
     outer_timestep, clock.now = clock.now, value
@@ -143,6 +146,18 @@ def context(model: SupportsCache, name: str, *, timestep: float | torch.Tensor |
         yield
     finally:
         context.active, clock.now = outer_name, outer_timestep
+
+
+def _timestep(timestep: object) -> float | None:
+    """The step as a float: from a number, or from the first element of a real tensor."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0 or timestep.is_complex() or timestep.dtype == torch.bool:
+            raise CacheError(f"timestep must be a number or a non-empty real tensor, got a tensor of shape "
+                             f"{list(timestep.shape)} and dtype {timestep.dtype}")
+        return float(timestep.flatten()[0])
+    return checks.number(timestep, "timestep", CacheError)
 
 
 def reset(model: SupportsCache) -> None:

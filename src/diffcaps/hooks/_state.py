@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from typing import Generic, TypeVar, final
+from typing import Generic, TypeVar, cast, final
 
 from diffcaps.errors import ContextError
 
@@ -47,8 +47,9 @@ class StateContext:
 
     def swap(self, name: str | None) -> str | None:
         """Make ``name`` the active context (``None``: none) and return the one it replaces."""
-        if name is not None and not name:
-            raise ContextError("a context name must be a non-empty string")
+        given = cast(object, name)  # callers may ignore the annotation
+        if given is not None and not (isinstance(given, str) and given):
+            raise ContextError(f"a context name must be a non-empty string, got {given!r} ({type(given).__name__})")
         outer, self.active = self.active, name
         return outer
 
