@@ -113,6 +113,24 @@ def test_an_unexpected_error_is_one_line_unless_debugging(
         main(["describe", "flux", "--debug"])
 
 
+@pytest.mark.parametrize(("error", "expected"), [
+    (PermissionError(13, "Permission denied", "/some/file"), "/some/file: Permission denied"),
+    (KeyError("missing"), "internal error: KeyError: 'missing'; rerun with --debug for the traceback"),
+    (RecursionError("maximum recursion depth exceeded"),
+     "internal error: RecursionError: maximum recursion depth exceeded; rerun with --debug for the traceback"),
+])
+def test_every_exception_type_ends_as_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception, expected: str
+) -> None:
+    def broken(*args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(FluxTransformer2DModel, "metadata", broken)
+    assert _run(["describe", "flux"], capsys) == (1, "", f"diffcaps describe: {expected}\n")
+    with pytest.raises(type(error)):
+        main(["describe", "flux", "--debug"])
+
+
 def test_a_closed_pipe_ends_quietly() -> None:
     child = subprocess.Popen([sys.executable, "-m", "diffcaps", "describe", "flux", "--verbose"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
