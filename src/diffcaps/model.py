@@ -144,7 +144,7 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         folder = resolve_model_folder(path)
         config = cls.config_class.from_dict(read_config(folder), source=str(folder / CONFIG_NAME))
         source = find_weights(folder, allow_pickle=allow_pickle)
-        with on_meta_device():
+        with on_meta_device(max_tensors=len(source.entries), max_elements=source.elements, where=str(folder)):
             model = cls(cast(ConfigT, config))
         load_weights(model, source, torch_dtype=torch_dtype, device=device)
         return model.eval()

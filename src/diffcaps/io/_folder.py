@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -73,6 +74,11 @@ class WeightSource:
     entries: Mapping[str, tuple[Path, TensorInfo]]
     pickled: bool = False
     headers: Mapping[Path, SafetensorsHeader] = attrs.field(factory=dict)
+
+    @property
+    def elements(self) -> int:
+        """Elements of all the tensors together, from the headers."""
+        return sum(math.prod(info.shape) for _, info in self.entries.values())
 
     def by_file(self) -> Iterator[tuple[Path, list[str]]]:
         """Group tensor names by the file that holds them, in file order."""

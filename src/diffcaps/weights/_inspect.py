@@ -186,7 +186,8 @@ def checkpoint_recogniser(model_classes: Iterable[type[Any]]) -> Recogniser:
 def _fit(cls: type[Model[Any]], found: Identification, mapper: WeightMapper, specs: Mapping[str, TensorSpec],
          header: SafetensorsHeader) -> str:
     try:
-        model = build_on_meta(cls, found.config, source=str(header.path))
+        model = build_on_meta(cls, found.config, source=str(header.path),
+                              tensors=found.plan.target_specs(specs, path=str(header.path)))
         check_identified(mapper, found, specs, expected_tensors(model), path=str(header.path), strict=True)
     except DiffcapsError as exc:  # a config the model refuses, keys or shapes that do not fit
         return f"does not load as is: {str(exc).removeprefix(str(header.path) + ': ')}"

@@ -10,9 +10,10 @@ view — so the peak is about one copy of the weights. On any error no model is 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -87,10 +88,19 @@ def class_mapper(cls: object) -> tuple[type[Model[Any]], WeightMapper]:
     return cls, mapper
 
 
-def build_on_meta(cls: type[Model[Any]], config: Mapping[str, Any], *, source: str) -> Model[Any]:
-    """The model a config describes, built on the meta device (no memory for weights)."""
+def build_on_meta(cls: type[Model[Any]], config: Mapping[str, Any], *, source: str,
+                  tensors: Mapping[str, TensorSpec] | None = None) -> Model[Any]:
+    """The model a config describes, built on the meta device (no memory for weights).
+
+    ``tensors`` are those a file can fill the model with: a build that outgrows them (a
+    forged block index or size) stops at once with a ``CheckpointError`` naming ``source``.
+    """
     built = cls.config_class.from_dict(config, source=source)
-    with on_meta_device():
+    if tensors is None:
+        with on_meta_device():
+            return cls(built)
+    elements = sum(math.prod(spec.shape) for spec in tensors.values())
+    with on_meta_device(max_tensors=len(tensors), max_elements=elements, where=source):
         return cls(built)
 
 
@@ -168,8 +178,11 @@ def fill_from_file(
     *,
     torch_dtype: torch.dtype | None,
     device: str | torch.device,
+    keep_fp32: Collection[str] = frozenset(),
 ) -> None:
     """Read every planned tensor the model expects, in file order, into the model.
+
+    The tensors named in ``keep_fp32`` land in float32 whatever ``torch_dtype`` says.
 
     A tensor that needs no cast and stays on the CPU is kept as a view of the mapped file
     (split parts included): no copy is made, and its pages are read when first used. Any
@@ -186,7 +199,7 @@ def fill_from_file(
             for name, tensor in zip(step.targets, step.run(views), strict=True):
                 if name not in expected:
                     continue
-                dtype = landing_dtype(tensor.dtype, expected[name][1], torch_dtype)
+                dtype = landing_dtype(tensor.dtype, expected[name][1], torch_dtype, keep_fp32=name in keep_fp32)
                 if on_cpu and tensor.dtype == dtype and tensor.is_contiguous():
                     if reader.backs(tensor):
                         mapped, tensor = True, reader.standalone(tensor)
@@ -212,7 +225,8 @@ def load_single_file(
 
     The variant (``flux-dev``, …), the prefix and the config are read from the file's key
     names and shapes; pass ``variant`` to insist on one. Tensors are cast to ``torch_dtype``
-    as they land (``None``: the model's default, float32), on ``device``. Tensors the model
+    as they land (``None``: the model's default, float32), on ``device``; the modules the
+    model declares in ``keep_in_fp32`` land in float32. Tensors the model
     has no place for are an error unless ``strict=False``, which loads without them and
     warns with an :class:`UnexpectedTensorsWarning`.
     """
@@ -221,9 +235,11 @@ def load_single_file(
     header = read_header(path)
     specs = header_specs(header)
     found = mapper.identify(specs, variant=variant, path=where)
-    model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})")
+    model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})",
+                          tensors=found.plan.target_specs(specs, path=where))
     unexpected = check_identified(mapper, found, specs, expected_tensors(model), path=where, strict=strict)
-    fill_from_file(model, found.plan, header, torch_dtype=torch_dtype, device=device)
+    fill_from_file(model, found.plan, header, torch_dtype=torch_dtype, device=device,
+                   keep_fp32=model.kept_in_fp32())
     if unexpected:
         warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=2)
     return cast(M, model.eval())  # model_class is cls, narrowed at run time
