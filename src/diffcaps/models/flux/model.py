@@ -198,9 +198,9 @@ class FluxTransformer2DModel(Model[FluxConfig, FluxCapabilities]):
         if kwargs_projection is not None:
             joint_attention_kwargs = kwargs_projection(joint_attention_kwargs)
         elif joint_attention_kwargs:
-            raise TypeError(
-                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} were passed, but nothing loaded in this "
-                "model reads them: load an IP-Adapter first (diffcaps.ip_adapter.load) for "
+            raise InputError(
+                f"forward argument 'joint_attention_kwargs' {sorted(joint_attention_kwargs)} was passed, but "
+                "nothing loaded in this model reads them: load an IP-Adapter first (diffcaps.ip_adapter.load) for "
                 "'ip_adapter_image_embeds'; LoRA weights are set with diffcaps.lora.set_adapters, not 'scale'"
             )
 
