@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torch import Tensor
 
 from diffcaps import ip_adapter
-from diffcaps.errors import CapabilityError, CheckpointError, FormatError, ShapeError
+from diffcaps.errors import CapabilityError, CheckpointError, FormatError, IPAdapterError, ShapeError
 from diffcaps.io import save_safetensors
 from tests.custom_model import TinyDiT, TinyDiTConfig
 from tests.flux_fixtures import TINY, seeded_model
@@ -125,3 +127,63 @@ def test_the_model_class_is_not_a_model_instance() -> None:
 
     with pytest.raises(CapabilityError, match="pass a model instance, not the class"):
         ip_adapter.load(FluxTransformer2DModel, xlabs_tensors(TINY, seed=1))  # type: ignore[arg-type]
+
+
+def _with(key: str, value: Tensor) -> Callable[[], dict[str, Tensor]]:
+    def make() -> dict[str, Tensor]:
+        tensors = xlabs_tensors(TINY, seed=1)
+        tensors[key] = value
+        return tensors
+
+    return make
+
+
+P = "ip_adapter_proj_model"
+# issue 12: non-finite, boolean, 0-dimensional and empty tensors
+VALUES: dict[str, tuple[Callable[[], dict[str, Tensor]], type[Exception], str]] = {
+    "nan-weights": (_with(f"{K0}.weight", torch.full((32, 24), math.nan)), CheckpointError,
+                    rf"{K0}.weight holds NaN values"),
+    "inf-bias": (_with(f"{P}.proj.bias", torch.full((96,), math.inf)), CheckpointError,
+                 rf"{P}.proj.bias holds infinite values"),
+    "bool-norm": (_with(f"{P}.norm.weight", torch.ones(24, dtype=torch.bool)), CheckpointError,
+                  rf"{P}.norm.weight holds torch.bool, expected floating-point"),
+    "0d-norm": (_with(f"{P}.norm.weight", torch.tensor(1.0)), ShapeError, rf"{P}.norm.weight"),
+    "3d-projection": (_with(f"{P}.proj.weight", torch.zeros(96, 12, 1)), ShapeError, rf"{P}.proj.weight"),
+    "no-tokens": (_with(f"{P}.proj.weight", torch.zeros(0, 12)), ShapeError, rf"{P}.proj.weight"),
+    "empty-embedding": (_with(f"{P}.proj.weight", torch.zeros(96, 0)), ShapeError, rf"{P}.proj.weight"),
+}
+
+
+@pytest.mark.parametrize("case", VALUES)
+def test_bad_tensor_values_are_rejected_and_the_model_is_untouched(case: str, tmp_path: Path) -> None:
+    make, error, message = VALUES[case]
+    path = tmp_path / f"{case}.safetensors"
+    save_safetensors(make(), path)
+    model = seeded_model(TINY)
+    ip_adapter.load(model, xlabs_tensors(TINY, seed=2), adapter_name="good")
+    before = state_hash(model)
+    with pytest.raises(error, match=message) as info:
+        ip_adapter.load(model, path, adapter_name="bad")
+    assert str(path) in str(info.value)
+    assert state_hash(model) == before
+    assert ip_adapter.adapter_names(model) == ("good",)
+
+
+@pytest.mark.parametrize("name", ["a.b", "", 5, None, ["a"]], ids=repr)
+def test_adapter_name_is_a_plain_non_empty_string(name: object) -> None:
+    model = seeded_model(TINY)
+    before = state_hash(model)
+    with pytest.raises(IPAdapterError, match=r"adapter_name must (be a non-empty string|not contain '\.')"):
+        ip_adapter.load(model, xlabs_tensors(TINY, seed=1), adapter_name=name)  # type: ignore[arg-type]
+    assert state_hash(model) == before and ip_adapter.adapter_names(model) == ()
+
+
+def test_unload_names_are_strings() -> None:
+    model = seeded_model(TINY)
+    ip_adapter.load(model, xlabs_tensors(TINY, seed=1), adapter_name="good")
+    before = state_hash(model)
+    unload: Any = ip_adapter.unload  # the checkers refuse these calls; this checks the run-time refusal
+    for names in (5, [5], [None]):
+        with pytest.raises(IPAdapterError, match="adapter name"):
+            unload(model, names)
+    assert state_hash(model) == before and ip_adapter.adapter_names(model) == ("good",)

@@ -9,6 +9,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from diffcaps import checks
 from diffcaps.errors import CheckpointError, FormatError, IPAdapterError
 from diffcaps.io import SafetensorsReader
 from diffcaps.ip_adapter._scale import Scale, per_block_scales
@@ -50,9 +51,7 @@ def load(model: SupportsIPAdapter, source: Source, *, adapter_name: str = "defau
     embedding tensor per adapter in that order. A file that does not fit leaves the model as it was.
     """
     service, module = _service(model)
-    name = cast(object, adapter_name)
-    if not isinstance(name, str) or not name:
-        raise IPAdapterError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    checks.name(adapter_name, "adapter_name", IPAdapterError, forbidden=".")
     loaded = service.adapter_names(module)
     if adapter_name in loaded:
         raise IPAdapterError(f"an IP-Adapter named {adapter_name!r} is already loaded "
@@ -80,7 +79,14 @@ def unload(model: SupportsIPAdapter, adapter_names: str | Sequence[str] | None =
     if adapter_names is None:
         names: tuple[str, ...] = loaded
     else:
-        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        given = cast(object, adapter_names)
+        if isinstance(given, str):
+            names = (given,)
+        elif isinstance(given, Sequence):
+            names = tuple(checks.instance(name, str, "an adapter name", IPAdapterError)
+                          for name in cast(Sequence[object], given))
+        else:
+            raise IPAdapterError(f"adapter names must be a name or a list of names, got {given!r}")
         unknown = [name for name in names if name not in loaded]
         if unknown:
             raise IPAdapterError(f"no IP-Adapter named {', '.join(map(repr, unknown))} is loaded "

@@ -134,6 +134,9 @@ def _expect_shape(adapter: XLabsIPAdapter, key: str, tensor: Tensor, shape: tupl
         raise ShapeError(f"{key} has shape {tuple(tensor.shape)}, expected {shape} ({what})", path=adapter.source)
     if not tensor.is_floating_point():
         raise CheckpointError(f"{key} holds {tensor.dtype}, expected floating-point weights", path=adapter.source)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+        raise CheckpointError(f"{key} holds {bad} values", path=adapter.source)
 
 
 def check_fits(adapter: XLabsIPAdapter, attentions: Sequence[FluxAttention]) -> None:
@@ -152,7 +155,8 @@ def check_fits(adapter: XLabsIPAdapter, attentions: Sequence[FluxAttention]) -> 
 
     norm_weight, proj_weight = adapter.projection["norm.weight"], adapter.projection["proj.weight"]
     width = norm_weight.shape[0] if norm_weight.ndim == 1 else 0
-    if not width or proj_weight.ndim != 2 or not proj_weight.shape[0] or proj_weight.shape[0] % width:
+    if not width or proj_weight.ndim != 2 or not proj_weight.shape[0] or not proj_weight.shape[1] or \
+            proj_weight.shape[0] % width:
         raise ShapeError(
             f"{adapter.key('proj.weight')} {tuple(proj_weight.shape)} and {adapter.key('norm.weight')} "
             f"{tuple(norm_weight.shape)}: expected (tokens × width, embed_dim) and (width,)", path=adapter.source,
