@@ -15,13 +15,17 @@ from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
 from diffcaps.layers import FP32LayerNorm, modulate, table_modulation
+from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
 from diffcaps.models.wan._blocks import MODULATIONS, WanTransformerBlock
 from diffcaps.models.wan._cache import WAN_CACHE
 from diffcaps.models.wan._config import WanConfig
 from diffcaps.models.wan._embeddings import WanRotaryEmbedding, WanTimeTextImageEmbedding
+from diffcaps.models.wan._lora import WAN_LORA
+from diffcaps.models.wan._weight_mapping import WAN_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
 from diffcaps.services import ModuleTypes
+from diffcaps.weights.spec import WeightMapper
 
 __all__ = ["WanCapabilities", "WanOutput", "WanTransformer3DModel"]
 
@@ -41,6 +45,8 @@ class WanCapabilities(Capabilities):
     )
     repeated_blocks: ModuleTypes = capability(WAN_BLOCKS)
     cache: CacheSupport = capability(WAN_CACHE)
+    weight_mapping: WeightMapper = capability(WAN_WEIGHTS)
+    lora: LoRAService = capability(WAN_LORA)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
