@@ -12,7 +12,7 @@ import torch
 from diffcaps import protocols
 from diffcaps.capabilities import Capabilities
 from diffcaps.errors import CapabilityError
-from diffcaps.models.flux import FluxTransformer2DModel
+from diffcaps.models.wan import WanConfig, WanTransformer3DModel
 from tests.custom_model import TinyDiT, seeded_tiny_dit
 from tests.flux_fixtures import TINY, seeded_model
 
@@ -61,7 +61,11 @@ def test_every_capability_field_has_a_protocol_pair_guard_and_require_overload()
         assert hasattr(protocols, f"supports_{name}"), name
     assert len([n for n in protocols.__all__ if n.startswith("Supports")]) == len(fields)
     flux = seeded_model(TINY)
+    wan = WanTransformer3DModel.from_config(WanConfig(num_attention_heads=2, attention_head_dim=12, num_layers=1,
+                                                      text_dim=8, ffn_dim=8))
     require_by_name = cast(Callable[[object, str], tuple[torch.nn.Module, object]], protocols.require)
     for name in fields:
-        _, service = require_by_name(flux, name)
-        assert service is getattr(FluxTransformer2DModel.declared_capabilities(), name)
+        # Flux declares every capability but keep_in_fp32, which Wan declares
+        model = flux if name != "keep_in_fp32" else wan
+        _, service = require_by_name(model, name)
+        assert service is getattr(type(model).declared_capabilities(), name)

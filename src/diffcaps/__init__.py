@@ -5,7 +5,7 @@ A model is a ``torch.nn.Module`` deriving from :class:`Model`; what it can do is
 through functions that take the model first (``diffcaps.lora.load_adapter(model, ...)``).
 """
 
-from diffcaps.services import ModuleTypes as ModuleTypes
+from diffcaps.services import ModuleNames as ModuleNames, ModuleTypes as ModuleTypes
 from diffcaps.capabilities import Capabilities as Capabilities, capability as capability
 from diffcaps.config import ModelConfig as ModelConfig
 from diffcaps.metadata import CapabilityRow as CapabilityRow, ModelMetadata as ModelMetadata
@@ -13,4 +13,14 @@ from diffcaps.model import Model as Model
 
 __version__ = "0.1.0"
 
-__all__ = ["Capabilities", "CapabilityRow", "Model", "ModelConfig", "ModelMetadata", "ModuleTypes", "__version__", "capability"]
+__all__ = [
+    "Capabilities",
+    "CapabilityRow",
+    "Model",
+    "ModelConfig",
+    "ModelMetadata",
+    "ModuleNames",
+    "ModuleTypes",
+    "__version__",
+    "capability",
+]

@@ -14,7 +14,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
-from diffcaps.services import ModuleTypes, Service
+from diffcaps.services import ModuleNames, ModuleTypes, Service
 from diffcaps.cache.spec import CacheSupport
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
@@ -69,6 +69,10 @@ class Capabilities:
     layerwise_casting: LayerwiseCasting | None = attrs.field(
         default=None,
         metadata=_about("Module patterns kept in full precision when weights are stored low", "layerwise-casting"),
+    )
+    keep_in_fp32: ModuleNames | None = attrs.field(
+        default=None,
+        metadata=_about("Modules kept in float32 when the model is loaded or cast to a lower dtype", "keep-in-fp32"),
     )
     repeated_blocks: ModuleTypes | None = attrs.field(
         default=None,

@@ -124,7 +124,7 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         """Build a model with freshly initialised weights from a config."""
         with torch.device(device):
             model = cls(config)
-        return model.to(dtype=torch_dtype) if torch_dtype is not None else model
+        return model.to_dtype(torch_dtype) if torch_dtype is not None else model
 
     @classmethod
     def from_pretrained(
@@ -138,16 +138,46 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         """Load a diffusers model folder (or a pipeline folder's ``transformer/``).
 
         The module is built on the meta device and each parameter is filled straight from
-        the safetensors files, cast to ``torch_dtype`` as it lands. Names and shapes are
-        checked against the files' headers before any tensor is read.
+        the safetensors files, cast to ``torch_dtype`` as it lands (the modules declared in
+        ``keep_in_fp32`` land in float32). Names and shapes are checked against the files'
+        headers before any tensor is read.
         """
         folder = resolve_model_folder(path)
         config = cls.config_class.from_dict(read_config(folder), source=str(folder / CONFIG_NAME))
         source = find_weights(folder, allow_pickle=allow_pickle)
         with on_meta_device(max_tensors=len(source.entries), max_elements=source.elements, where=str(folder)):
             model = cls(cast(ConfigT, config))
-        load_weights(model, source, torch_dtype=torch_dtype, device=device)
+        load_weights(model, source, torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
         return model.eval()
+
+    def kept_in_fp32(self) -> frozenset[str]:
+        """Names of the parameters and buffers that the capability ``keep_in_fp32`` keeps in float32."""
+        keep = self.capabilities.keep_in_fp32
+        return keep.tensor_names(self) if keep is not None else frozenset()
+
+    def to_dtype(self, dtype: torch.dtype) -> Self:
+        """Cast floating parameters and buffers to ``dtype``, keeping ``keep_in_fp32`` modules in float32.
+
+        ``model.to(dtype)`` casts every tensor, as torch does; use this to cast a model that
+        declares modules kept in float32 (Wan's norms, timestep embedder and modulation
+        tables) the way ``from_pretrained(torch_dtype=...)`` loads it. Returns the model.
+        """
+        if not dtype.is_floating_point:
+            raise TypeError(f"to_dtype takes a floating-point dtype, got {dtype}")
+        kept = self.kept_in_fp32()
+        if not kept:
+            return self.to(dtype=dtype)
+        for owner_name, owner in self.named_modules():
+            prefix = f"{owner_name}." if owner_name else ""
+            tensors = [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]
+            for name, tensor in tensors:
+                if tensor.is_floating_point():
+                    target = torch.float32 if prefix + name in kept else dtype
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.to(target)
+                    else:
+                        setattr(owner, name, tensor.to(target))
+        return self
 
     def save_pretrained(
         self,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # annotations only: the feature packages import this module
     from diffcaps.offload.spec import GroupOffloading
     from diffcaps.parallel.spec import ContextParallelPlan
     from diffcaps.weights.spec import WeightMapper
-    from diffcaps.services import ModuleTypes
+    from diffcaps.services import ModuleNames, ModuleTypes
 
 __all__ = [
     "HasCache",
@@ -34,6 +34,7 @@ __all__ = [
     "HasGradientCheckpointing",
     "HasGroupOffloading",
     "HasIPAdapter",
+    "HasKeepInFP32",
     "HasLayerwiseCasting",
     "HasLoRA",
     "HasNoSplitModules",
@@ -44,6 +45,7 @@ __all__ = [
     "SupportsGradientCheckpointing",
     "SupportsGroupOffloading",
     "SupportsIPAdapter",
+    "SupportsKeepInFP32",
     "SupportsLayerwiseCasting",
     "SupportsLoRA",
     "SupportsNoSplitModules",
@@ -55,6 +57,7 @@ __all__ = [
     "supports_gradient_checkpointing",
     "supports_group_offloading",
     "supports_ip_adapter",
+    "supports_keep_in_fp32",
     "supports_layerwise_casting",
     "supports_lora",
     "supports_no_split_modules",
@@ -78,6 +81,10 @@ def require(model: SupportsNoSplitModules, feature: Literal["no_split_modules"])
 
 @overload
 def require(model: SupportsLayerwiseCasting, feature: Literal["layerwise_casting"]) -> tuple[nn.Module, LayerwiseCasting]: ...
+
+
+@overload
+def require(model: SupportsKeepInFP32, feature: Literal["keep_in_fp32"]) -> tuple[nn.Module, ModuleNames]: ...
 
 
 @overload
@@ -210,6 +217,25 @@ class SupportsLayerwiseCasting(Protocol):
 def supports_layerwise_casting(model: object) -> TypeGuard[SupportsLayerwiseCasting]:
     """Whether ``model`` declares layerwise casting (narrows its type when true)."""
     return _declares(model, "layerwise_casting")
+
+
+class HasKeepInFP32(Protocol):
+    """Capabilities that declare modules kept in float32."""
+
+    @property
+    def keep_in_fp32(self) -> ModuleNames: ...
+
+
+class SupportsKeepInFP32(Protocol):
+    """A model instance whose capabilities declare modules kept in float32."""
+
+    @property
+    def capabilities(self) -> HasKeepInFP32: ...
+
+
+def supports_keep_in_fp32(model: object) -> TypeGuard[SupportsKeepInFP32]:
+    """Whether ``model`` declares modules kept in float32 (narrows its type when true)."""
+    return _declares(model, "keep_in_fp32")
 
 
 class HasRepeatedBlocks(Protocol):

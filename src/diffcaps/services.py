@@ -1,4 +1,5 @@
-"""What every service has in common, and ``ModuleTypes``, the service that names module classes."""
+"""What every service has in common, and the services that name modules: ``ModuleTypes`` by
+class, ``ModuleNames`` by name."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from diffcaps.errors import CapabilityError
 
-__all__ = ["ModuleTypes", "Service"]
+__all__ = ["ModuleNames", "ModuleTypes", "Service"]
 
 
 class Service(Protocol):
@@ -55,3 +56,40 @@ class ModuleTypes:
                 f"{feature} (it declares {', '.join(self.entries())}, but this instance has none of them)",
             )
         return found
+
+
+def _names(value: Iterable[object]) -> tuple[str, ...]:
+    names: list[str] = []
+    for name in value:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"ModuleNames takes single name components (no dots), got {name!r}")
+        names.append(name)
+    if not names:
+        raise ValueError("ModuleNames needs at least one name")
+    return tuple(names)
+
+
+@final
+@attrs.frozen
+class ModuleNames:
+    """Modules (and parameters) named by one component of their dotted path.
+
+    ``norm1`` matches ``blocks.0.norm1`` and everything under it, and a parameter registered
+    as ``scale_shift_table`` matches wherever it sits; ``norm10`` and ``my_norm1`` do not
+    match. (diffusers matches its ``_keep_in_fp32_modules`` the same way.)
+    """
+
+    names: tuple[str, ...] = attrs.field(converter=_names)
+
+    def entries(self) -> tuple[str, ...]:
+        """The names."""
+        return self.names
+
+    def matches(self, path: str) -> bool:
+        """Whether the dotted ``path`` (a module, parameter or buffer name) has a matching component."""
+        return not set(self.names).isdisjoint(path.split("."))
+
+    def tensor_names(self, model: torch.nn.Module) -> frozenset[str]:
+        """Names of the matching parameters and buffers of ``model`` (non-persistent buffers included)."""
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        return frozenset(name for name, _ in tensors if self.matches(name))

@@ -13,7 +13,7 @@ from diffcaps.casting._layers import GENERIC_SKIP_PATTERNS, cast_layers
 from diffcaps import checks
 from diffcaps.errors import CastingError
 from diffcaps.hooks import Hook, add_hook, get_hook, remove_hook
-from diffcaps.protocols import SupportsLayerwiseCasting, require
+from diffcaps.protocols import SupportsLayerwiseCasting, require, supports_keep_in_fp32
 from diffcaps.slots import InstanceSlot
 
 __all__ = ["active", "disable", "enable"]
@@ -76,7 +76,8 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
     """Store the weights of Linear/Conv/Embedding layers low; returns the cast layers' names.
 
     See :class:`LayerwiseCastingConfig` (the default stores fp8, computes in the model's
-    dtype). peft adapter layers are never cast. Enabling twice is an error: ``disable`` first.
+    dtype). peft adapter layers and the modules the model keeps in float32
+    (``keep_in_fp32``) are never cast. Enabling twice is an error: ``disable`` first.
     """
     config = LayerwiseCastingConfig() if config is None else config
     checks.instance(config, LayerwiseCastingConfig, "config", CastingError)
@@ -92,7 +93,8 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
     patterns = config.skip_patterns
     if patterns is None:
         patterns = service.skip_patterns + GENERIC_SKIP_PATTERNS
-    layers = list(cast_layers(module, patterns))
+    keep = model.capabilities.keep_in_fp32 if supports_keep_in_fp32(model) else None  # never cast
+    layers = [(name, layer) for name, layer in cast_layers(module, patterns) if keep is None or not keep.matches(name)]
     for _, layer in layers:  # checked before anything is cast
         for name, param in layer.named_parameters(recurse=False):
             if not param.dtype.is_floating_point:

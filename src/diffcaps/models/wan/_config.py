@@ -2,54 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Final
+from typing import ClassVar, Literal
 
 import attrs
 
-from diffcaps.config import ModelConfig
+from diffcaps.config import ModelConfig, at_least
+from diffcaps.errors import ConfigError
 
-__all__ = ["QK_NORMS", "WanConfig"]
-
-QK_NORMS: Final = ("rms_norm_across_heads", None)
-"""Accepted ``qk_norm`` values. diffusers 0.42.1 builds the same across-heads RMSNorm for
-both (it does not read the value), so diffcaps does too."""
-
-
-def _patch(value: Any) -> tuple[int, int, int]:
-    sizes = tuple(int(v) for v in value)
-    if len(sizes) != 3 or any(v <= 0 for v in sizes):
-        raise ValueError(f"patch_size must be three positive sizes (frames, height, width), got {list(value)}")
-    return sizes[0], sizes[1], sizes[2]
-
-
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
-
-
-def _optional_positive(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be positive or null, got {value}")
-
-
-def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
-def _even(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value <= 0 or value % 2:
-        raise ValueError(f"{attribute.name} must be a positive even number (RoPE rotates channel pairs), got {value}")
-
-
-def _check_qk_norm(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in QK_NORMS:
-        raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {value!r}")
+__all__ = ["WanConfig"]
 
 
 @attrs.frozen(kw_only=True)
 class WanConfig(ModelConfig):
     """Hyper-parameters of ``WanTransformer3DModel`` (defaults are diffusers', i.e. Wan 2.1 14B's).
+
+    Sizes are positive integers (``num_layers`` may be 0); ``attention_head_dim`` is even (RoPE
+    rotates channel pairs). ``qk_norm`` is ``"rms_norm_across_heads"`` or null: diffusers
+    0.42.1 builds the same across-heads RMSNorm for both (it does not read the value), and
+    so does diffcaps.
 
     Wan 2.1 T2V 1.3B: ``num_attention_heads=12``, ``ffn_dim=8960``, ``num_layers=30``; I2V
     adds ``image_dim=1280`` and ``added_kv_proj_dim=5120``; Wan 2.2 TI2V-5B:
@@ -59,22 +29,30 @@ class WanConfig(ModelConfig):
 
     class_name: ClassVar[str] = "WanTransformer3DModel"
 
-    patch_size: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=_patch)
-    num_attention_heads: int = attrs.field(default=40, validator=_positive)
-    attention_head_dim: int = attrs.field(default=128, validator=_even)
-    in_channels: int = attrs.field(default=16, validator=_positive)
-    out_channels: int | None = attrs.field(default=16, validator=_optional_positive)
-    text_dim: int = attrs.field(default=4096, validator=_positive)
-    freq_dim: int = attrs.field(default=256, validator=_positive)
-    ffn_dim: int = attrs.field(default=13824, validator=_positive)
-    num_layers: int = attrs.field(default=40, validator=_non_negative)
+    patch_size: tuple[int, int, int] = at_least(1, default=(1, 2, 2))
+    num_attention_heads: int = at_least(1, default=40)
+    attention_head_dim: int = at_least(2, default=128)
+    in_channels: int = at_least(1, default=16)
+    out_channels: int | None = at_least(1, default=16)
+    text_dim: int = at_least(1, default=4096)
+    freq_dim: int = at_least(1, default=256)
+    ffn_dim: int = at_least(1, default=13824)
+    num_layers: int = at_least(0, default=40)
     cross_attn_norm: bool = True
-    qk_norm: str | None = attrs.field(default="rms_norm_across_heads", validator=_check_qk_norm)
+    qk_norm: Literal["rms_norm_across_heads"] | None = "rms_norm_across_heads"
     eps: float = 1e-6
-    image_dim: int | None = attrs.field(default=None, validator=_optional_positive)
-    added_kv_proj_dim: int | None = attrs.field(default=None, validator=_optional_positive)
-    rope_max_seq_len: int = attrs.field(default=1024, validator=_positive)
-    pos_embed_seq_len: int | None = attrs.field(default=None, validator=_optional_positive)
+    image_dim: int | None = at_least(1, default=None)
+    added_kv_proj_dim: int | None = at_least(1, default=None)
+    rope_max_seq_len: int = at_least(1, default=1024)
+    pos_embed_seq_len: int | None = at_least(1, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.attention_head_dim % 2:
+            raise ConfigError(f"field 'attention_head_dim' = {self.attention_head_dim}: expected an even "
+                              f"number (RoPE rotates channel pairs)")
+        if len(self.patch_size) != 3:
+            raise ConfigError(f"field 'patch_size' = {list(self.patch_size)}: expected three sizes "
+                              f"(frames, height, width)")
 
     @property
     def inner_dim(self) -> int:

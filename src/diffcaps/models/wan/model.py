@@ -24,7 +24,7 @@ from diffcaps.models.wan._embeddings import WanRotaryEmbedding, WanTimeTextImage
 from diffcaps.models.wan._lora import WAN_LORA
 from diffcaps.models.wan._weight_mapping import WAN_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
-from diffcaps.services import ModuleTypes
+from diffcaps.services import ModuleNames, ModuleTypes
 from diffcaps.weights.spec import WeightMapper
 
 __all__ = ["WanCapabilities", "WanOutput", "WanTransformer3DModel"]
@@ -42,6 +42,9 @@ class WanCapabilities(Capabilities):
     no_split_modules: ModuleTypes = capability(WAN_BLOCKS)
     layerwise_casting: LayerwiseCasting = capability(
         LayerwiseCasting(skip_patterns=("patch_embedding", "condition_embedder", "norm"))
+    )
+    keep_in_fp32: ModuleNames = capability(
+        ModuleNames(("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"))
     )
     repeated_blocks: ModuleTypes = capability(WAN_BLOCKS)
     cache: CacheSupport = capability(WAN_CACHE)
@@ -133,6 +136,11 @@ class WanTransformer3DModel(Model[WanConfig, WanCapabilities]):
             timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         projected = projected.reshape(*projected.shape[:-1], MODULATIONS, -1)
+        if image is not None:
+            # Views of one [image; text] tensor, the layout diffusers uses: a low-precision matmul
+            # rounds differently on a strided input, so this keeps bf16 outputs bit-equal to it.
+            context = torch.cat([image, text], dim=1)
+            image, text = context[:, : image.shape[1]], context[:, image.shape[1]:]
         for block in self.blocks:
             hidden_states = block(hidden_states, text, projected, rotary, image)
 
