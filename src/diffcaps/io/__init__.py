@@ -1,6 +1,8 @@
 """Reading and writing weights: safetensors files, diffusers folders, meta-device loading.
 
-What other packages build on: ``read_header`` and the memory-mapped readers for files,
+What other packages build on: ``read_header`` (the one safetensors header validator: every
+reader goes through it, so a malformed file is a ``CheckpointError`` naming file and key)
+and the memory-mapped readers built on it,
 ``find_weights``/``load_weights`` for diffusers folders, and the one safetensors writer
 (``save_safetensors`` for a dict, ``stream_safetensors``/``stream_shards`` for tensors
 produced one at a time, ``write_weights`` for a model folder).
