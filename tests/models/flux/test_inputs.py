@@ -98,7 +98,3 @@ def test_a_refused_call_leaves_the_model_working(model: FluxTransformer2DModel) 
             model(**{**inputs, "hidden_states": inputs["hidden_states"][..., :3]})
         assert torch.equal(model(**inputs).sample, expected)
 
-
-def test_attention_kwargs_nothing_reads_are_refused(model: FluxTransformer2DModel) -> None:
-    with pytest.raises(InputError, match=re.escape("'joint_attention_kwargs' ['scale'] was passed, but nothing")):
-        model(**flux_inputs(TINY), joint_attention_kwargs={"scale": 0.5})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffcaps.errors import InputError
 from tests.flux_fixtures import PARITY_CONFIGS, diffusers_flux, flux_inputs, seeded_model
 
 
@@ -65,8 +66,8 @@ def test_attention_kwargs_nothing_reads_are_refused() -> None:
     config = PARITY_CONFIGS["dev-like"]
     model = seeded_model(config)
     inputs = flux_inputs(config)
-    with pytest.raises(TypeError, match=r"\['ip_adapter_image_embeds'\].*diffcaps.ip_adapter.load"):
+    with pytest.raises(InputError, match=r"\['ip_adapter_image_embeds'\].*diffcaps.ip_adapter.load"):
         model(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1, 8)]})
-    with pytest.raises(TypeError, match=r"\['scale'\].*set_adapters"):
+    with pytest.raises(InputError, match=r"\['scale'\].*set_adapters"):
         model(**inputs, joint_attention_kwargs={"scale": 0.5})
     assert model(**inputs, joint_attention_kwargs={}).sample.shape == (1, 16, config.in_channels)
