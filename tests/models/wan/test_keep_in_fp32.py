@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
-from diffcaps import casting
+from diffcaps import casting, weights
 from diffcaps.io import landing_dtype
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.models.wan import WanTransformer3DModel
@@ -123,3 +124,20 @@ def test_landing_dtype_rule() -> None:
     assert landing_dtype(torch.bfloat16, torch.float32, torch.float16) == torch.float16
     assert landing_dtype(torch.bfloat16, torch.float32, None, keep_fp32=True) == torch.float32
     assert landing_dtype(torch.int64, torch.int64, torch.float16, keep_fp32=True) == torch.int64
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_single_file_loads_keep_the_same_modules_in_fp32(tmp_path: Path, storage: torch.dtype) -> None:
+    config = attrs.evolve(I2V, num_attention_heads=1, attention_head_dim=128, added_kv_proj_dim=128)  # 128: Wan's
+    model = seeded_model(config, seed=17)  # head width, which single files are read with
+    model.save_pretrained(tmp_path / "folder")
+    folder = WanTransformer3DModel.from_pretrained(tmp_path / "folder", torch_dtype=torch.bfloat16)
+    path = weights.save_single_file(model, tmp_path / "wan.safetensors", torch_dtype=storage)
+    single = weights.load_single_file(WanTransformer3DModel, path, torch_dtype=torch.bfloat16)
+    assert {k: v.dtype for k, v in single.state_dict().items()} == {k: v.dtype for k, v in folder.state_dict().items()}
+    assert single.get_parameter("blocks.1.norm2.weight").dtype == torch.float32
+    if storage == torch.float32:  # the kept tensors were never rounded to bf16 on the way
+        assert torch.equal(single.get_parameter("scale_shift_table"), model.get_parameter("scale_shift_table"))
+        inputs = _bf16_inputs(config, seed=18)
+        with torch.no_grad():
+            assert torch.equal(single(**inputs).sample, folder(**inputs).sample)
