@@ -100,7 +100,8 @@ def _modules(tensors: dict[str, Tensor]) -> dict[str, list[str]]:
 
 _MODULES: Final = {name: _modules(tensors) for name, tensors in _FILES.items()}
 
-DTYPES: Final = (torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.uint8, torch.bool)
+DTYPES: Final = (torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2, torch.int32,
+                 torch.int8, torch.uint8, torch.bool)
 SUFFIXES: Final = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha",
                    ".lora_B.bias", ".diff", ".diff_b", ".set_weight", ".scale", ".weight", ".lokr_w1",
                    ".lokr_w2_a", ".hada_w1_a", ".dora_scale", ".down.weight", "")

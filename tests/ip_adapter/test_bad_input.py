@@ -143,6 +143,8 @@ P = "ip_adapter_proj_model"
 VALUES: dict[str, tuple[Callable[[], dict[str, Tensor]], type[Exception], str]] = {
     "nan-weights": (_with(f"{K0}.weight", torch.full((32, 24), math.nan)), CheckpointError,
                     rf"{K0}.weight holds NaN values"),
+    "fp8-nan-weights": (_with(f"{K0}.weight", torch.full((32, 24), math.nan).to(torch.float8_e4m3fn)),
+                        CheckpointError, rf"{K0}.weight holds NaN values"),
     "inf-bias": (_with(f"{P}.proj.bias", torch.full((96,), math.inf)), CheckpointError,
                  rf"{P}.proj.bias holds infinite values"),
     "bool-norm": (_with(f"{P}.norm.weight", torch.ones(24, dtype=torch.bool)), CheckpointError,

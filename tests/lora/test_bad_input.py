@@ -69,6 +69,8 @@ FILES: dict[str, tuple[dict[str, Tensor], dict[str, str] | None, type[DiffcapsEr
                     f"{Q}.lora_B.weight"),
     "weights-inf": (_kohya(overrides={f"{PROJ}.lora_down.weight": torch.full((4, 32), -math.inf)}), None, FormatError,
                     f"{PROJ}.lora_down.weight"),
+    "weights-fp8-nan": (_diffusers(overrides={f"{Q}.lora_B.weight": torch.full((32, 4), math.nan).to(
+        torch.float8_e4m3fn)}), None, FormatError, f"{Q}.lora_B.weight"),
     "weights-int32": (_diffusers(overrides={f"{Q}.lora_A.weight": torch.ones(4, 32, dtype=torch.int32)}), None,
                       FormatError, f"{Q}.lora_A.weight"),
     "weights-bool": (_diffusers(overrides={f"{Q}.lora_B.weight": torch.ones(32, 4, dtype=torch.bool)}), None,
@@ -239,3 +241,12 @@ def test_the_metadata_that_diffusers_writes_still_loads(tmp_path: Path) -> None:
     lora.load_adapter(model, path)
     layer: Any = model.get_submodule("transformer_blocks.0.attn.to_q")
     assert layer.scaling["default"] == pytest.approx(2.0 / 2.0)  # alpha 2 from the pattern, / sqrt(4)
+
+
+def test_fp8_weights_load_like_their_wider_values() -> None:
+    # the finiteness check widens fp8 (torch has no isfinite for it); the values load as stored
+    narrow = {k: v.to(torch.float8_e4m3fn) for k, v in _diffusers().items()}
+    as_fp8, as_fp32 = seeded_model(TINY), seeded_model(TINY)
+    lora.load_adapter(as_fp8, narrow)
+    lora.load_adapter(as_fp32, {k: v.float() for k, v in narrow.items()})
+    assert fingerprint(as_fp8) == fingerprint(as_fp32)

@@ -120,7 +120,8 @@ def set_adapters(
     ``{"transformer_blocks.1": 0.5}`` scales ``transformer_blocks.1.*`` only (not
     ``transformer_blocks.10`` nor ``single_transformer_blocks.1``); the longest matching prefix
     wins and unmatched modules keep weight 1. A prefix that names no module is an error, and
-    so is a bool (``True`` is not a weight; type checkers reject it too).
+    so are a bool (``True`` is not a weight; type checkers reject it too), a NaN or infinite
+    weight, and a name given twice.
     """
     module, state = _state(model)
     chosen = _names(state, names)

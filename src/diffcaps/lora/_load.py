@@ -69,9 +69,11 @@ def _checked(key: str, tensor: object) -> Tensor:
     if tensor.dtype == torch.bool or tensor.is_complex() or \
             (not tensor.is_floating_point() and tensor.numel() != 1):
         raise FormatError(f"{key} holds {tensor.dtype}, expected floating-point weights")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
-        raise FormatError(f"{key} holds {bad} values")
+    if tensor.is_floating_point():
+        wide = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # torch has no isfinite for fp8
+        if not bool(torch.isfinite(wide).all()):
+            bad = "NaN" if bool(torch.isnan(wide).any()) else "infinite"
+            raise FormatError(f"{key} holds {bad} values")
     return tensor
 
 
@@ -210,6 +212,12 @@ def load_adapter(
     place (same modules, rank at most the padded rank), so a compiled model is not recompiled.
     The new adapter becomes active at weight 1 beside those already active. On any error the
     model is left exactly as it was.
+
+    ``adapter_name`` is a non-empty string without ``.`` (peft keys its layers by it). Every
+    tensor must be floating point (an integer scalar alpha passes) and finite, an alpha one
+    number, a rank at least 1 and at most the larger side of its module; the
+    ``lora_adapter_metadata`` header entry must be a peft config. Anything else is a
+    ``FormatError``, ``ShapeError`` or ``LoRAError`` naming the file and the key.
     """
     module, service = require(model, "lora")
     checks.name(adapter_name, "adapter_name", LoRAError, forbidden=".")

@@ -134,8 +134,9 @@ def _expect_shape(adapter: XLabsIPAdapter, key: str, tensor: Tensor, shape: tupl
         raise ShapeError(f"{key} has shape {tuple(tensor.shape)}, expected {shape} ({what})", path=adapter.source)
     if not tensor.is_floating_point():
         raise CheckpointError(f"{key} holds {tensor.dtype}, expected floating-point weights", path=adapter.source)
-    if not bool(torch.isfinite(tensor).all()):
-        bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+    wide = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # torch has no isfinite for fp8
+    if not bool(torch.isfinite(wide).all()):
+        bad = "NaN" if bool(torch.isnan(wide).any()) else "infinite"
         raise CheckpointError(f"{key} holds {bad} values", path=adapter.source)
 
 
