@@ -47,7 +47,7 @@ def test_describe_takes_any_model_class_as_module_and_name(capsys: pytest.Captur
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("sdxl", "unknown model 'sdxl'; built-in models: flux (or give module:Class)"),
+        ("sdxl", "unknown model 'sdxl'; built-in models: flux, wan (or give module:Class)"),
         ("no_such_module:Model", "cannot import 'no_such_module' for 'no_such_module:Model': ModuleNotFoundError"),
         ("tests.custom_model:Nothing", "module 'tests.custom_model' has no 'Nothing'"),
         ("diffcaps.errors:DiffcapsError", "'diffcaps.errors:DiffcapsError' is not a diffcaps Model subclass"),
