@@ -109,6 +109,18 @@ def test_layerwise_casting_skips_kept_modules_like_diffusers() -> None:
     casting.disable(ours)
 
 
+def test_layerwise_casting_never_casts_kept_modules_even_with_user_patterns() -> None:
+    # With no skip patterns at all, keep_in_fp32 alone protects the timestep embedder's linears
+    # (diffusers, too, adds _keep_in_fp32_modules to whatever patterns it is given).
+    ours = seeded_model(T2V, seed=19)
+    cast = casting.enable(ours, casting.LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn, skip_patterns=()))
+    assert "condition_embedder.time_proj" in cast and "patch_embedding" in cast
+    assert [layer for layer in cast if "time_embedder" in layer] == []
+    assert ours.get_parameter("condition_embedder.time_embedder.linear_1.weight").dtype == torch.float32
+    assert ours.get_parameter("condition_embedder.time_proj.weight").dtype == torch.float8_e4m3fn
+    casting.disable(ours)
+
+
 def test_a_model_keeping_nothing_loads_everything_in_the_requested_dtype(tmp_path: Path) -> None:
     flux = seeded_flux(FLUX_TINY)
     assert "keep_in_fp32" not in FluxTransformer2DModel.metadata()
