@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, cast, get_args, get_origin
 
+import attrs
 import torch
 from typing_extensions import TypeVar
 
@@ -23,6 +24,7 @@ from diffcaps.io import (
     write_weights,
 )
 from diffcaps.metadata import ModelMetadata
+from diffcaps.services import ModuleNames
 from diffcaps.protocols import supports_lora
 
 __all__ = ["CapabilitiesT", "ConfigT", "DEFAULT_MAX_SHARD_SIZE", "Model"]
@@ -71,6 +73,11 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     """The config class this model takes (its first type argument)."""
+
+    unused_tensors: ClassVar[ModuleNames | None] = None
+    """Tensors that diffusers' folders of this model may hold and the model has no use for
+    (diffusers' ``_keys_to_ignore_on_load_unexpected``): ``from_pretrained`` skips them; any
+    other tensor the model has no place for is still an error."""
 
     __capabilities: ClassVar[Capabilities] = Capabilities()
 
@@ -145,6 +152,9 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         folder = resolve_model_folder(path)
         config = cls.config_class.from_dict(read_config(folder), source=str(folder / CONFIG_NAME))
         source = find_weights(folder, allow_pickle=allow_pickle)
+        unused = cls.unused_tensors
+        if unused is not None:
+            source = attrs.evolve(source, entries={k: v for k, v in source.entries.items() if not unused.matches(k)})
         with on_meta_device(max_tensors=len(source.entries), max_elements=source.elements, where=str(folder)):
             model = cls(cast(ConfigT, config))
         load_weights(model, source, torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())

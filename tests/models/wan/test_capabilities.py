@@ -167,3 +167,24 @@ def test_folder_round_trip_both_ways(tmp_path: Path, name: str) -> None:
         assert (ours(**inputs).sample - expected).abs().max().item() <= 1e-5
         # same weights; memory-mapped tensors may round a last bit differently in matmuls
         assert (back(**inputs).sample - ours(**inputs).sample).abs().max().item() <= 1e-6
+
+
+def test_older_diffusers_folders_with_the_unused_query_norm_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from diffcaps.errors import CheckpointError
+
+    ours = seeded_model(I2V, seed=40)
+    ours.save_pretrained(tmp_path)
+    weights_file = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights_file))
+    for index in range(I2V.num_layers):  # what diffusers' I2V models saved before dropping it
+        state[f"blocks.{index}.attn2.norm_added_q.weight"] = torch.ones(I2V.inner_dim)
+    save_file(state, str(weights_file))
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert "norm_added_q" not in " ".join(loaded.state_dict())
+    state["blocks.0.attn2.norm_added_v.weight"] = torch.ones(I2V.inner_dim)  # anything else is still refused
+    save_file(state, str(weights_file))
+    with pytest.raises(CheckpointError, match="norm_added_v"):
+        WanTransformer3DModel.from_pretrained(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, final, overload
+from typing import Any, ClassVar, Literal, final, overload
 
 import attrs
 import torch
@@ -70,6 +70,9 @@ class WanTransformer3DModel(Model[WanConfig, WanCapabilities]):
     embedder and ``add_k_proj``/``add_v_proj`` in each cross-attention), TI2V (per-token
     timesteps) and the A14B experts (two models of this class).
     """
+
+    unused_tensors: ClassVar[ModuleNames | None] = ModuleNames(("norm_added_q",))
+    """Folders saved by older diffusers hold an image-to-video query norm that was never used."""
 
     def __init__(self, config: WanConfig) -> None:
         super().__init__(config)
