@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffcaps.errors import InputError
 from diffcaps.models.wan import WanOutput, WanTransformer3DModel
 from tests.wan_fixtures import CONFIGS, T2V, TI2V, diffusers_wan, seeded_model, wan_inputs
 
@@ -79,17 +80,17 @@ def test_return_tuple_and_patch_sizes() -> None:
 def test_bad_inputs_are_refused() -> None:
     model = seeded_model(T2V)
     inputs = wan_inputs(T2V)
-    with pytest.raises(TypeError, match=r"\['scale'\].*set_adapters"):
+    with pytest.raises(InputError, match=r"\['scale'\].*set_adapters"):
         model(**inputs, attention_kwargs={"scale": 0.5})
-    with pytest.raises(ValueError, match="no image embedder"):
+    with pytest.raises(InputError, match="no image embedder"):
         model(**inputs, encoder_hidden_states_image=torch.zeros(1, 3, 8))
-    with pytest.raises(ValueError, match="per-token timestep has 5 entries"):
+    with pytest.raises(InputError, match="per-token timestep has 5 entries"):
         model(**dict(inputs, timestep=torch.zeros(1, 5)))
-    with pytest.raises(ValueError, match="exceeds rope_max_seq_len 32"):
+    with pytest.raises(InputError, match="exceeds rope_max_seq_len 32"):
         model(**dict(inputs, hidden_states=torch.zeros(1, 4, 33, 2, 2)))
     i2v = seeded_model(CONFIGS["i2v"])
     without_image = {k: v for k, v in wan_inputs(CONFIGS["i2v"]).items() if k != "encoder_hidden_states_image"}
-    with pytest.raises(ValueError, match="pass encoder_hidden_states_image"):
+    with pytest.raises(InputError, match="pass encoder_hidden_states_image"):
         i2v(**without_image)
 
 

@@ -10,6 +10,7 @@ from typing import Final
 
 from torch import Tensor, nn
 
+from diffcaps.errors import InputError
 from diffcaps.layers import RMSNorm, apply_rope, attention
 
 __all__ = ["KERNEL", "WanCrossAttention", "WanSelfAttention"]
@@ -92,7 +93,7 @@ class WanCrossAttention(nn.Module):
         image_out: Tensor | None = None
         if self.add_k_proj is not None and self.add_v_proj is not None:
             if encoder_hidden_states_image is None:
-                raise ValueError("this model attends to image tokens (added_kv_proj_dim is set): "
+                raise InputError("this model attends to image tokens (added_kv_proj_dim is set): "
                                  "pass encoder_hidden_states_image")
             image_key = _heads(self.norm_added_k(self.add_k_proj(encoder_hidden_states_image)), self.heads)
             image_value = _heads(self.add_v_proj(encoder_hidden_states_image), self.heads)

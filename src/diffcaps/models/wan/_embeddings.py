@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffcaps.errors import InputError
 from diffcaps.layers import (
     FeedForward,
     FP32LayerNorm,
@@ -37,7 +38,7 @@ class WanRotaryEmbedding(nn.Module):
         """Frequencies for every patch of ``latents``, in token order."""
         grid = [size // patch for size, patch in zip(latents.shape[2:], self.patch_size, strict=True)]
         if max(grid) > self.max_seq_len:
-            raise ValueError(f"the patch grid {grid} (frames, height, width) exceeds rope_max_seq_len "
+            raise InputError(f"the patch grid {grid} (frames, height, width) exceeds rope_max_seq_len "
                              f"{self.max_seq_len} on some axis")
         ids = grid_position_ids(*grid, device=latents.device)
         return rope_frequencies(ids, self.axes_dim)
@@ -107,7 +108,7 @@ class WanTimeTextImageEmbedding(nn.Module):
         image: Tensor | None = None
         if encoder_hidden_states_image is not None:
             if self.image_embedder is None:
-                raise ValueError("encoder_hidden_states_image was passed, but this model has no image embedder "
+                raise InputError("encoder_hidden_states_image was passed, but this model has no image embedder "
                                  "(image_dim is null)")
             image = self.image_embedder(encoder_hidden_states_image)
         return temb, projected, text, image

@@ -14,6 +14,7 @@ from diffcaps.cache.spec import CacheSupport
 from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
+from diffcaps.errors import InputError
 from diffcaps.layers import FP32LayerNorm, modulate, table_modulation
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
@@ -121,10 +122,10 @@ class WanTransformer3DModel(Model[WanConfig, WanCapabilities]):
         ``attention_kwargs`` must be empty: LoRA weights are set with ``diffcaps.lora.set_adapters``.
         """
         if attention_kwargs:
-            raise TypeError(f"attention_kwargs {sorted(attention_kwargs)} were passed, but nothing in this model "
+            raise InputError(f"attention_kwargs {sorted(attention_kwargs)} were passed, but nothing in this model "
                             "reads them; LoRA weights are set with diffcaps.lora.set_adapters, not 'scale'")
         if hidden_states.ndim != 5:
-            raise ValueError(f"hidden_states must be [batch, channels, frames, height, width], "
+            raise InputError(f"hidden_states must be [batch, channels, frames, height, width], "
                              f"got {list(hidden_states.shape)}")
         batch = hidden_states.shape[0]
         patch = self.config.patch_size
@@ -133,7 +134,7 @@ class WanTransformer3DModel(Model[WanConfig, WanCapabilities]):
         tokens: Tensor = self.patch_embedding(hidden_states)
         hidden_states = tokens.flatten(2).transpose(1, 2).contiguous()
         if timestep.ndim == 2 and timestep.shape[1] != hidden_states.shape[1]:
-            raise ValueError(f"per-token timestep has {timestep.shape[1]} entries per sample, the latents "
+            raise InputError(f"per-token timestep has {timestep.shape[1]} entries per sample, the latents "
                              f"have {hidden_states.shape[1]} tokens")
         temb, projected, text, image = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image
