@@ -6,7 +6,7 @@ BFL control, fal Kontext, LyCORIS LoKr/LoHa, XLabs IP-Adapter), written by the t
 the way each trainer writes it, and mutates it: keys dropped, renamed or forged (block
 indices, suffixes, prefixes), shapes, dtypes, NaN/Inf values, alphas, the
 ``lora_adapter_metadata`` header entry (random JSON and peft-config fields), the adapter name,
-and the bytes of the safetensors header. A load that succeeds is undone with ``unload``,
+and the bytes of the safetensors header (LoRA and IP-Adapter files). A load that succeeds is undone with ``unload``,
 which must also restore the model exactly.
 
 Bounded for the suite; ``DIFFCAPS_FUZZ_EXAMPLES=2000`` (say) runs a longer, random search.
@@ -242,13 +242,16 @@ def _file_bytes(tensors: dict[str, Tensor]) -> bytes:
         return path.read_bytes()
 
 
-_BYTES: Final = {name: _file_bytes(tensors) for name, tensors in _FILES.items()}
+_IP_BASE: Final = xlabs_tensors(TINY, seed=1)
+_BYTES: Final = {**{name: _file_bytes(tensors) for name, tensors in _FILES.items()},
+                 "ip-adapter": _file_bytes(_IP_BASE)}
 
 
 @st.composite
-def corrupted_headers(draw: st.DrawFn) -> bytes:
-    """A real LoRA file with its header edited: offsets, dtypes, shapes, metadata, lengths, bytes."""
-    data = _BYTES[draw(st.sampled_from(sorted(_BYTES)))]
+def corrupted_headers(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A real LoRA or IP-Adapter file with its header edited: offsets, dtypes, shapes, metadata, lengths, bytes."""
+    layout = draw(st.sampled_from(sorted(_BYTES)))
+    data = _BYTES[layout]
     (length,) = struct.unpack("<Q", data[:8])
     header: dict[str, Any] = json.loads(data[8:8 + length])
     body = data[8 + length:]
@@ -269,18 +272,19 @@ def corrupted_headers(draw: st.DrawFn) -> bytes:
         raw = raw[:at] + bytes([raw[at] ^ draw(st.integers(1, 255))]) + raw[at + 1:]
     elif how == "truncate":
         raw = raw[:draw(st.integers(0, len(raw) - 1))]
-    return raw
+    return layout, raw
 
 
 @_fuzz(60)
 @given(corrupted_headers())
-def test_corrupted_lora_headers_fail_with_a_diffcaps_error(scratch: Path, raw: bytes) -> None:
+def test_corrupted_headers_fail_with_a_diffcaps_error(scratch: Path, case: tuple[str, bytes]) -> None:
+    layout, raw = case
     path = scratch / "corrupt.safetensors"
     path.write_bytes(raw)
-    _loads_or_fails_cleanly(_MODEL, _lora_load(path, "default"), _lora_undo, fingerprint)
-
-
-_IP_BASE: Final = xlabs_tensors(TINY, seed=1)
+    if layout == "ip-adapter":
+        _loads_or_fails_cleanly(_MODEL, lambda: ip_adapter.load(_MODEL, path), _ip_undo, state_hash)
+    else:
+        _loads_or_fails_cleanly(_MODEL, _lora_load(path, "default"), _lora_undo, fingerprint)
 
 
 @st.composite

@@ -23,7 +23,7 @@ from diffcaps.io import save_safetensors
 from diffcaps.models.flux import FluxTransformer2DModel
 from tests.flux_fixtures import TINY, seeded_model
 from tests.lora._check import fingerprint
-from tests.lora._files import Seeded
+from tests.lora._files import Seeded, bfl_modules, lokr_file
 
 Q = "transformer.transformer_blocks.0.attn.to_q"
 """A diffusers-named 32 × 32 linear of the tiny model."""
@@ -243,10 +243,22 @@ def test_the_metadata_that_diffusers_writes_still_loads(tmp_path: Path) -> None:
     assert layer.scaling["default"] == pytest.approx(2.0 / 2.0)  # alpha 2 from the pattern, / sqrt(4)
 
 
-def test_fp8_weights_load_like_their_wider_values() -> None:
-    # the finiteness check widens fp8 (torch has no isfinite for it); the values load as stored
-    narrow = {k: v.to(torch.float8_e4m3fn) for k, v in _diffusers().items()}
-    as_fp8, as_fp32 = seeded_model(TINY), seeded_model(TINY)
+@pytest.mark.parametrize("layout", ["lora", "lokr-one-factor"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_weights_load_like_their_wider_values(layout: str, dtype: torch.dtype) -> None:
+    # torch neither checks fp8 for finiteness nor mixes it with other dtypes (a LoKr's factors are
+    # multiplied): fp8 tensors load as their exact float16 values, beside tensors of other dtypes
+    if layout == "lora":
+        tensors = _diffusers()
+        narrowed = list(tensors)
+    else:
+        model = seeded_model(TINY)
+        tensors = lokr_file(model, seed=5, key=lambda b: "lora_unet_" + b.replace(".", "_"),
+                            modules={"single_blocks.1.linear1": bfl_modules(2, 2)["single_blocks.1.linear1"]},
+                            w1_rows={}, decompose=True).tensors  # 2 rows of w1 cut through q, k, v
+        narrowed = ["lora_unet_single_blocks_1_linear1.lokr_w1"]
+    narrow = {k: v.to(dtype) if k in narrowed else v for k, v in tensors.items()}
+    as_fp8, as_wide = seeded_model(TINY), seeded_model(TINY)
     lora.load_adapter(as_fp8, narrow)
-    lora.load_adapter(as_fp32, {k: v.float() for k, v in narrow.items()})
-    assert fingerprint(as_fp8) == fingerprint(as_fp32)
+    lora.load_adapter(as_wide, {k: v.to(torch.float16) if k in narrowed else v for k, v in narrow.items()})
+    assert fingerprint(as_fp8) == fingerprint(as_wide)

@@ -70,9 +70,12 @@ def _checked(key: str, tensor: object) -> Tensor:
             (not tensor.is_floating_point() and tensor.numel() != 1):
         raise FormatError(f"{key} holds {tensor.dtype}, expected floating-point weights")
     if tensor.is_floating_point():
-        wide = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # torch has no isfinite for fp8
-        if not bool(torch.isfinite(wide).all()):
-            bad = "NaN" if bool(torch.isnan(wide).any()) else "infinite"
+        # fp8 is held as float16, which represents every fp8 value exactly: torch neither checks
+        # fp8 for finiteness nor mixes it with other dtypes (LoKr and LoHa factors are multiplied)
+        if tensor.element_size() == 1:
+            tensor = tensor.to(torch.float16)
+        if not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
             raise FormatError(f"{key} holds {bad} values")
     return tensor
 
