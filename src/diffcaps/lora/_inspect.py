@@ -19,7 +19,8 @@ _ADAPTER_PAIRS = (
     (".lokr_w1", ".lokr_w2"),
     (".hada_w1_a", ".hada_w2_a"),
 )
-"""Suffix pairs only adapter files hold: a LoRA file is told from a checkpoint by structure."""
+"""Suffix pairs only adapter files hold: a LoRA file is told from a checkpoint by structure
+(a down/up pair must also be shaped as a low-rank factorisation)."""
 _KINDS = {".lokr_": "LoKr (LyCORIS)", ".hada_": "LoHa (LyCORIS)"}
 
 
@@ -36,10 +37,23 @@ def _kind(keys: Iterable[str]) -> str:
     return counts.most_common(1)[0][0]
 
 
-def _adapter_shaped(keys: list[str]) -> bool:
-    present = set(keys)
-    return any(first in key and key.replace(first, second, 1) in present
-               for key in keys for first, second in _ADAPTER_PAIRS)
+def _low_rank(down: Any, up: Any) -> bool:
+    # a LoRA pair is down [rank, in…] and up [out, rank…] with the rank below the layer's widths
+    if len(down.shape) < 2 or len(up.shape) < 2:
+        return False
+    rank = down.shape[0]
+    return rank == up.shape[1] and rank < max(down.shape[1], up.shape[0])
+
+
+def _adapter_shaped(tensors: dict[str, Any]) -> bool:
+    for key, info in tensors.items():
+        for first, second in _ADAPTER_PAIRS:
+            partner = tensors.get(key.replace(first, second, 1)) if first in key else None
+            if partner is None:
+                continue
+            if first.startswith((".lokr_", ".hada_")) or _low_rank(info, partner):
+                return True
+    return False
 
 
 def _declared(cls: type[Any]) -> object:
@@ -62,7 +76,7 @@ def lora_recogniser(model_classes: Iterable[type[Any]]) -> Callable[[Any], Any]:
         from diffcaps.weights import Recognition
 
         keys = list(header.tensors)
-        if not _adapter_shaped(keys):
+        if not _adapter_shaped(dict(header.tensors)):
             return Recognition(kind="lora", matched=False,
                                rows=(("lora", "no adapter tensor pairs (lora_A/B, lora_down/up, LoKr, LoHa)"),))
         for cls, service in services:
