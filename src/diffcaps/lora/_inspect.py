@@ -42,7 +42,7 @@ def _low_rank(down: Any, up: Any) -> bool:
     if len(down.shape) < 2 or len(up.shape) < 2:
         return False
     rank = down.shape[0]
-    return rank == up.shape[1] and rank < max(down.shape[1], up.shape[0])
+    return bool(rank == up.shape[1] and rank < max(down.shape[1], up.shape[0]))
 
 
 def _adapter_shaped(tensors: dict[str, Any]) -> bool:
