@@ -13,7 +13,8 @@ from typing_extensions import TypeVar
 
 from diffcaps.capabilities import Capabilities
 from diffcaps.config import ModelConfig
-from diffcaps.errors import CheckpointError, ConfigError
+from diffcaps import checks
+from diffcaps.errors import CheckpointError, ConfigError, InputError
 from diffcaps.io import (
     CONFIG_NAME,
     find_weights,
@@ -172,8 +173,9 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         declares modules kept in float32 (Wan's norms, timestep embedder and modulation
         tables) the way ``from_pretrained(torch_dtype=...)`` loads it. Returns the model.
         """
-        if not dtype.is_floating_point:
-            raise TypeError(f"to_dtype takes a floating-point dtype, got {dtype}")
+        given = checks.instance(dtype, torch.dtype, "to_dtype's dtype", InputError)
+        if not given.is_floating_point:
+            raise InputError(f"to_dtype takes a floating-point dtype, got {dtype}")
         kept = self.kept_in_fp32()
         if not kept:
             return self.to(dtype=dtype)

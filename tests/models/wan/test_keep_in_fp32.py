@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffcaps import casting, weights
+from diffcaps.errors import InputError
 from diffcaps.io import landing_dtype
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.models.wan import WanTransformer3DModel
@@ -89,7 +90,7 @@ def test_to_dtype_and_from_config_keep_the_same_modules(tmp_path: Path) -> None:
     assert built.condition_embedder.time_proj.weight.dtype == torch.float16
     model.to_dtype(torch.float32)
     assert all(v.dtype == torch.float32 for v in model.state_dict().values())
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(InputError, match="floating-point"):
         model.to_dtype(torch.int8)
 
 
