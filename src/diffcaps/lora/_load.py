@@ -74,7 +74,9 @@ def _checked(key: str, tensor: object) -> Tensor:
         # fp8 for finiteness nor mixes it with other dtypes (LoKr and LoHa factors are multiplied)
         if tensor.element_size() == 1:
             tensor = tensor.to(torch.float16)
-        if not bool(torch.isfinite(tensor).all()):
+        # max |x| is NaN or infinite exactly when some value is; it is several times faster
+        # than isfinite(x).all() on bf16, where the check was a fifth of a load
+        if tensor.numel() and not bool(torch.isfinite(tensor.abs().amax())):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
             raise FormatError(f"{key} holds {bad} values")
     return tensor
