@@ -152,3 +152,92 @@ def test_demo_saves_loads_and_reproduces(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "config.json").is_file()
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "demo")
     assert loaded.config.num_single_layers == 4
+
+
+def test_demo_runs_wan(tmp_path: Path) -> None:
+    from diffcaps.demo import WAN_DEMO_CONFIG
+    from diffcaps.models.wan import WanTransformer3DModel
+
+    result = subprocess.run(
+        [sys.executable, "-m", "diffcaps", "demo", "--model", "wan", "--seed", "3", "--output", str(tmp_path / "wan")],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WanTransformer3DModel capabilities" in result.stdout
+    assert "a seeded Wan transformer (2 blocks, width 128)" in result.stdout
+    assert "forward pass (1 × 48 video + 8 text tokens)" in result.stdout
+    assert "output (1, 16, 3, 8, 8)" in result.stdout
+    assert "reloaded model reproduces the original: yes" in result.stdout
+    assert json.loads((tmp_path / "wan" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "wan")
+    assert loaded.config == WAN_DEMO_CONFIG
+
+
+def _original_files(tmp_path: Path) -> dict[str, Path]:
+    """A tiny Flux and a tiny Wan checkpoint, each in its original single-file layout."""
+    from diffcaps.models.wan import WanTransformer3DModel
+    from diffcaps.weights import save_single_file
+    from tests.models.wan._files import VARIANTS, seeded_model
+    from tests.weights.fixtures import variant_model
+
+    wan: WanTransformer3DModel = seeded_model(VARIANTS["wan-t2v"], seed=5)
+    return {
+        "flux": save_single_file(variant_model("flux-dev", "medium", seed=5), tmp_path / "flux.safetensors"),
+        "wan": save_single_file(wan, tmp_path / "wan.safetensors", prefix="model.diffusion_model."),
+    }
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_convert_picks_the_model_from_the_file_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    from diffcaps.models import model_class
+    from tests.weights.test_single_file import assert_same_file_tensors
+
+    source = _original_files(tmp_path)[name]
+    cls = model_class(name)
+    status, out, err = _run(["convert", str(source), str(tmp_path / "folder")], capsys)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[0] == f"model: {name} ({cls.__name__}), recognised from {source}"
+    assert json.loads((tmp_path / "folder" / "config.json").read_text())["_class_name"] == cls.__name__
+    # and back from the folder, whose config.json names the class
+    back = tmp_path / "back.safetensors"
+    prefix = "model.diffusion_model." if name == "wan" else ""
+    status, out, err = _run(["convert", str(tmp_path / "folder"), str(back), "--prefix", prefix], capsys)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[0] == f"model: {name} ({cls.__name__}), recognised from {tmp_path / 'folder'}"
+    assert_same_file_tensors(source, back)
+
+
+def test_convert_model_option_still_forces_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _original_files(tmp_path)["wan"]
+    status, out, err = _run(["convert", str(source), str(tmp_path / "as-flux"), "--model", "flux"], capsys)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"diffcaps convert: {source}: ") and "Flux" in err
+    assert not (tmp_path / "as-flux").exists()
+    status, out, err = _run(["convert", str(source), str(tmp_path / "folder"), "--model", "wan"], capsys)
+    assert (status, err) == (0, "")
+    assert "recognised from" not in out and "wrote" in out
+
+
+def test_convert_without_a_model_names_the_file_it_cannot_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    source = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(source))
+    status, out, err = _run(["convert", str(source), str(tmp_path / "out")], capsys)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"diffcaps convert: {source}: is no built-in model's checkpoint (")
+    assert "FluxTransformer2DModel: " in err and "WanTransformer3DModel: " in err and err.endswith("pass --model\n")
+    assert not (tmp_path / "out").exists()
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    status, out, err = _run(["convert", str(folder), str(tmp_path / "out.safetensors")], capsys)
+    assert (status, out) == (1, "")
+    assert err == (f"diffcaps convert: {folder / 'config.json'}: _class_name 'UNet2DConditionModel' is no built-in "
+                   "model's (flux, wan); pass --model\n")

@@ -102,7 +102,9 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     ],
     "diffcaps.demo": [
         "DEMO_CONFIG",
+        "WAN_DEMO_CONFIG",
         "demo_inputs",
+        "wan_demo_inputs",
     ],
     "diffcaps.errors": [
         "CacheError",

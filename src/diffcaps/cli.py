@@ -15,13 +15,14 @@ from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 import diffcaps
 from diffcaps.errors import DiffcapsError
 from diffcaps.models import model_class, model_names
 
 if TYPE_CHECKING:
+    from diffcaps.model import ConfigT, Model
     from diffcaps.protocols import SupportsWeightMapping
     from diffcaps.weights import Recogniser
 
@@ -96,30 +97,51 @@ def _timed(label: str) -> Generator[None]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from diffcaps.demo import DEMO_CONFIG, WAN_DEMO_CONFIG, demo_inputs, wan_demo_inputs
 
-    from diffcaps.demo import DEMO_CONFIG, demo_inputs
+    if args.model == "wan":
+        from diffcaps.models.wan import WanTransformer3DModel
+
+        frames, side = 3, 8
+        tokens = frames * (side // WAN_DEMO_CONFIG.patch_size[1]) * (side // WAN_DEMO_CONFIG.patch_size[2])
+        return _run_demo(
+            WanTransformer3DModel, WAN_DEMO_CONFIG, args,
+            what=f"a seeded Wan transformer ({WAN_DEMO_CONFIG.num_layers} blocks, width {WAN_DEMO_CONFIG.inner_dim})",
+            inputs=wan_demo_inputs(WAN_DEMO_CONFIG, seed=args.seed, frames=frames, side=side),
+            work=f"1 × {tokens} video + 8 text tokens",
+        )
     from diffcaps.models.flux import FluxTransformer2DModel
 
+    return _run_demo(
+        FluxTransformer2DModel, DEMO_CONFIG, args,
+        what=(f"a seeded Flux transformer ({DEMO_CONFIG.num_layers} double + "
+              f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})"),
+        inputs=demo_inputs(DEMO_CONFIG, seed=args.seed), work="1 × 64 image + 8 text tokens",
+    )
+
+
+def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Namespace, *, what: str,
+              inputs: dict[str, Any], work: str) -> int:
+    """Build, save, load and run one demo model; 0 when the reloaded model reproduces the original."""
+    import torch
+
     torch.manual_seed(args.seed)
-    print(FluxTransformer2DModel.metadata().describe(color=sys.stdout.isatty()))
+    print(cls.metadata().describe(color=sys.stdout.isatty()))
     print()
-    print(f"demo: a seeded Flux transformer ({DEMO_CONFIG.num_layers} double + "
-          f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})")
+    print(f"demo: {what}")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.output) if args.output else Path(tmp) / "flux-demo"
+        folder = Path(args.output) if args.output else Path(tmp) / f"{args.model}-demo"
         with _timed("build with seeded weights"):
-            model = FluxTransformer2DModel.from_config(DEMO_CONFIG).eval()
+            model = cls.from_config(config).eval()
         params = sum(p.numel() for p in model.parameters())
         with _timed(f"save_pretrained ({params / 1e6:.2f} M parameters)"):
             model.save_pretrained(folder)
         with _timed("from_pretrained (meta device, safetensors)"):
-            loaded = FluxTransformer2DModel.from_pretrained(folder)
-        inputs = demo_inputs(DEMO_CONFIG, seed=args.seed)
-        with torch.no_grad(), _timed("forward pass (1 × 64 image + 8 text tokens)"):
-            out = loaded(**inputs).sample
+            loaded = cls.from_pretrained(folder)
+        with torch.no_grad(), _timed(f"forward pass ({work})"):
+            out: torch.Tensor = loaded(**inputs).sample
         with torch.no_grad():
-            reference = model(**inputs).sample
+            reference: torch.Tensor = model(**inputs).sample
         same = torch.equal(out, reference)
         print(f"  output {tuple(out.shape)}, mean |x| {out.abs().mean().item():.4f}; "
               f"reloaded model reproduces the original: {'yes' if same else 'NO'}")
@@ -153,8 +175,11 @@ def _convert(args: argparse.Namespace) -> int:
     from diffcaps.weights import convert
 
     dtype: torch.dtype | None = getattr(torch, args.dtype) if args.dtype else None
+    name = args.model if args.model is not None else _model_of(Path(args.source))
+    if args.model is None:
+        print(f"model: {name} ({model_class(name).__name__}), recognised from {args.source}")
     # A class from the registry may lack weight mapping; convert checks that first.
-    model = cast("type[SupportsWeightMapping]", model_class(args.model))
+    model = cast("type[SupportsWeightMapping]", model_class(name))
     with ProgressBar("converting") as progress:
         done = convert(
             model, args.source, args.target,
@@ -165,6 +190,35 @@ def _convert(args: argparse.Namespace) -> int:
     what = f"{done.variant} " if done.variant else ""
     print(f"wrote {what}{done.layout} layout: {done.tensors} tensors, {done.nbytes / 1e9:.2f} GB → {done.target}")
     return 0
+
+
+def _model_of(source: Path) -> str:
+    """The built-in model a checkpoint file (as ``inspect`` recognises it) or a diffusers folder
+    (by its ``config.json`` ``_class_name``) belongs to; ``CheckpointError`` when none or several."""
+    from diffcaps.errors import CheckpointError
+    from diffcaps.weights import checkpoint_recogniser
+
+    if source.is_dir():
+        config = source / "config.json"
+        try:
+            class_name = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{config}: cannot read the folder's model class ({exc}); pass --model") from exc
+        names = [name for name in model_names() if model_class(name).__name__ == class_name]
+        if len(names) != 1:
+            raise CheckpointError(f"{config}: _class_name {class_name!r} is no built-in model's "
+                                  f"({', '.join(model_names())}); pass --model")
+        return names[0]
+    from diffcaps.io import read_header
+
+    header = read_header(source)
+    verdicts = {name: checkpoint_recogniser([model_class(name)])(header) for name in model_names()}
+    names = [name for name, verdict in verdicts.items() if verdict.matched]
+    if len(names) != 1:
+        why = "; ".join(f"{label}: {reason}" for verdict in verdicts.values() for label, reason in verdict.rows)
+        found = f"matches {', '.join(names)}" if names else f"is no built-in model's checkpoint ({why})"
+        raise CheckpointError(f"{source}: {found}; pass --model")
+    return names[0]
 
 
 _MODEL_HELP = f"a built-in model ({', '.join(model_names())}) or module:Class naming any diffcaps Model subclass"
@@ -187,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true", help="print versioned JSON instead of a table")
     describe.set_defaults(run=_describe)
 
-    demo = commands.add_parser("demo", parents=[common], help="build, save, load and run a small seeded Flux model")
+    demo = commands.add_parser("demo", parents=[common], help="build, save, load and run a small seeded model")
+    demo.add_argument("--model", choices=("flux", "wan"), default="flux", help="the demo model (default: flux)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs (default: 0)")
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
     demo.set_defaults(run=_demo)
@@ -206,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_convert(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("source", help="an original-layout .safetensors file, or a diffusers model folder")
     convert.add_argument("target", help="the folder (or, from a folder, the .safetensors file) to write")
-    convert.add_argument("--model", default="flux", help=_MODEL_HELP + " (default: flux)")
+    convert.add_argument("--model", help=_MODEL_HELP + " (default: the model the source is recognised as)")
     convert.add_argument("--to", choices=("diffusers", "original"), help="the layout to write (default: the other one)")
     convert.add_argument("--variant", help="insist on this variant instead of detecting it")
     convert.add_argument("--prefix", default="", help="key prefix for the original layout, e.g. model.diffusion_model.")

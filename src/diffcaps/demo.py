@@ -1,4 +1,4 @@
-"""The built-in demo model: a small Flux config and inputs, no downloads."""
+"""The built-in demo models: small Flux and Wan configs and their inputs, no downloads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from diffcaps.models.flux import FluxConfig
+from diffcaps.models.wan import WanConfig
 
-__all__ = ["DEMO_CONFIG", "demo_inputs"]
+__all__ = ["DEMO_CONFIG", "WAN_DEMO_CONFIG", "demo_inputs", "wan_demo_inputs"]
 
 DEMO_CONFIG = FluxConfig(
     num_layers=2,
@@ -40,3 +41,28 @@ def demo_inputs(config: FluxConfig, *, seed: int = 0, side: int = 8, text_tokens
     if config.guidance_embeds:
         inputs["guidance"] = torch.tensor([3.5])
     return inputs
+
+
+WAN_DEMO_CONFIG = WanConfig(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=2,
+    rope_max_seq_len=64,
+)
+"""A Wan 2.1 T2V-shaped model, 128 wide, with 2 blocks."""
+
+
+def wan_demo_inputs(config: WanConfig, *, seed: int = 0, frames: int = 3, side: int = 8,
+                    text_tokens: int = 8) -> dict[str, Any]:
+    """Seeded forward arguments for a ``frames``×``side``×``side`` video latent and a short prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, config.in_channels, frames, side, side, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text_tokens, config.text_dim, generator=generator),
+        "timestep": torch.tensor([750.0]),
+    }
