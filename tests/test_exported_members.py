@@ -132,6 +132,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "Forward",
         "Hook",
         "Reducer",
+        "SHARDING",
         "StateContext",
         "add_hook",
         "eager",
@@ -309,6 +310,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     "diffcaps.parallel.spec": [
         "ContextParallelPlan",
         "GatherOutput",
+        "SplitAt",
         "SplitInput",
     ],
     "diffcaps.protocols": [

@@ -1,10 +1,12 @@
 """The parts of context parallelism that need no second process: shard sizes, the layout, the
-online-softmax merge, and enabling on a one-rank gloo group (hooks, restore, misuse)."""
+online-softmax merge, the plan's splits inside a model, the order hooks nest in, and enabling
+on a one-rank gloo group (hooks, restore, misuse)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
@@ -14,13 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffcaps.errors import ParallelError
-from diffcaps.hooks import hook_names
+from diffcaps.hooks import SHARDING, Forward, Hook, add_hook, hook_names, remove_hook
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps import parallel
 from diffcaps.parallel import ContextParallelConfig, ShardAssignment, disable, shard_sizes
-from diffcaps.parallel.spec import ContextParallelPlan, GatherOutput, SplitInput
+from diffcaps.parallel.spec import ContextParallelPlan, GatherOutput, SplitAt, SplitInput
 from diffcaps.parallel._kernels import attention_with_lse, merge_partials
 from diffcaps.parallel._layout import Layout
+from diffcaps.parallel._service import module_paths
 from tests.parallel._worker import Case, add_lora, build_model, case_inputs, free_port
 
 
@@ -82,6 +85,64 @@ def test_plan_validation() -> None:
     assert ids.axis("img_ids", torch.zeros(5, 3)) == 0 and ids.axis("img_ids", torch.zeros(1, 5, 3)) == 1
     with pytest.raises(ValueError, match="at least 2"):
         ids.axis("img_ids", torch.zeros(5))
+
+
+def test_splits_inside_a_model() -> None:
+    attention = FluxTransformer2DModel.declared_capabilities().context_parallel.attention
+    tokens = SplitInput(ndim=3, dim=1, stream="video")
+    plan = ContextParallelPlan(inside={"blocks.0": SplitAt(inputs={"hidden_states": tokens})},
+                               outputs={"norm_out": GatherOutput(ndim=3, dim=1)}, attention=attention)
+    assert plan.inputs == {} and plan.entries()[2:4] == ("split blocks.0:hidden_states@1", "gather norm_out@1")
+    with pytest.raises(ValueError, match="at least one input or the output"):
+        SplitAt()
+    with pytest.raises(ValueError, match="dotted submodule paths"):
+        ContextParallelPlan(inside={"blocks..0": SplitAt(output=tokens)}, outputs={"x": GatherOutput(ndim=3, dim=1)},
+                            attention=attention)
+    names = ["rope", "blocks", "blocks.0", "blocks.0.attn1", "blocks.1", "blocks.10", "norm_out"]
+    assert module_paths("blocks.*", names) == ["blocks.0", "blocks.1", "blocks.10"]
+    assert module_paths("blocks.1", names) == ["blocks.1"] and module_paths("*.*.attn1", names) == ["blocks.0.attn1"]
+    assert module_paths("head", names) == []
+    per_token = SplitInput(ndim=4, dim=1, optional=True)
+    assert per_token.axis("temb", torch.zeros(2, 7, 6, 3)) == 1 and per_token.axis("temb", torch.zeros(2, 6, 3)) is None
+    with pytest.raises(ValueError, match="at least 4"):
+        SplitInput(ndim=4, dim=1).axis("temb", torch.zeros(2, 6, 3))
+
+
+class _Trace(Hook):
+    def __init__(self, name: str, calls: list[str]) -> None:
+        self.name = name
+        self.calls = calls
+
+    def new_forward(self, module: torch.nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(self.name)
+        return forward(*args, **kwargs)
+
+
+class _Sharding(Hook):
+    order = SHARDING
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def new_forward(self, module: torch.nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("sharding")
+        return forward(*args, **kwargs)
+
+
+def test_sharding_hooks_wrap_feature_hooks_whichever_came_first() -> None:
+    for sharding_first in (True, False):
+        layer = torch.nn.Linear(2, 2)
+        calls: list[str] = []
+        hooks: list[tuple[str, Hook]] = [("a", _Trace("a", calls)), ("b", _Trace("b", calls))]
+        hooks.insert(0 if sharding_first else 1, ("split", _Sharding(calls)))
+        for name, hook in hooks:
+            add_hook(layer, name, hook)
+        assert hook_names(layer) == ("a", "b", "split")  # innermost first: by order, then by when added
+        layer(torch.zeros(1, 2))
+        assert calls == ["sharding", "b", "a"]
+        for name, _ in hooks:
+            remove_hook(layer, name)
+        assert "forward" not in layer.__dict__
 
 
 # --- a one-rank process group in this process ----------------------------------------------

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Final
 
 from torch import nn
 
-__all__ = ["Forward", "Hook"]
+__all__ = ["Forward", "Hook", "SHARDING"]
 
 Forward = Callable[..., Any]
 """A forward callable: the module's own forward, or the rest of a hook chain."""
+
+SHARDING: Final = 100
+"""The :attr:`Hook.order` of hooks that split a call's data into one rank's shard or gather it
+back: they wrap every feature hook of the default order 0 on the same module."""
 
 
 class Hook:
@@ -27,7 +31,15 @@ class Hook:
 
     The registry builds each module's chain from the steps a hook class overrides, so a
     hook that only overrides ``new_forward`` costs one Python call per forward.
+
+    Hooks on one module nest by ``order``: a hook of higher order wraps every hook of lower
+    order, whenever either was added; among equal orders a later hook wraps the earlier ones.
     """
+
+    order: ClassVar[int] = 0
+    """Nesting rank on a module (see above). Features' hooks use 0; a hook that changes which part
+    of the data the call holds (context parallelism's splits and gathers, :data:`SHARDING`) uses a
+    higher one, so every other hook sees the same side of it whichever feature was enabled first."""
 
     def pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The arguments the rest of the chain is called with."""

@@ -41,6 +41,8 @@ class HookRegistry:
         self._check_untouched()
         hook.attach(self.module)
         self.hooks[name] = hook
+        # innermost first: by order, then by when added (sorted is stable)
+        self.hooks = dict(sorted(self.hooks.items(), key=lambda item: item[1].order))
         self._rebuild()
 
     def remove(self, name: str) -> Hook:
@@ -106,7 +108,11 @@ def _registry(module: nn.Module) -> HookRegistry | None:
 
 
 def add_hook(module: nn.Module, name: str, hook: Hook) -> None:
-    """Wrap ``module.forward`` with ``hook`` under ``name``; later hooks run outside earlier ones."""
+    """Wrap ``module.forward`` with ``hook`` under ``name``.
+
+    A hook of higher :attr:`Hook.order` runs outside one of lower order; among equal orders,
+    later hooks run outside earlier ones.
+    """
     registry = _registry(module)
     if registry is None:
         registry = HookRegistry(module)
@@ -141,7 +147,7 @@ def get_hook(module: nn.Module, name: str, kind: type[Hook] = Hook) -> Hook | No
 
 
 def hook_names(module: nn.Module) -> tuple[str, ...]:
-    """The names of ``module``'s hooks, innermost first."""
+    """The names of ``module``'s hooks, innermost first (the nesting order, see :func:`add_hook`)."""
     registry = _registry(module)
     return () if registry is None else tuple(registry.hooks)
 

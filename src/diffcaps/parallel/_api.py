@@ -13,9 +13,9 @@ from diffcaps.errors import ParallelError
 from diffcaps.hooks import add_hook, remove_hook
 from diffcaps.parallel._comm import Communicator
 from diffcaps.parallel._config import ContextParallelConfig, ShardAssignment
-from diffcaps.parallel._hooks import GATHER_HOOK, SPLIT_HOOK, GatherHook, SplitHook
+from diffcaps.parallel._hooks import GATHER_HOOK, SPLIT_HOOK, GatherHook, InsideSplitHook, SplitHook
 from diffcaps.parallel._kernels import ContextParallelKernel
-from diffcaps.parallel._service import ContextParallelPlan
+from diffcaps.parallel._service import ContextParallelPlan, SplitAt, module_paths
 from diffcaps.parallel._session import Session
 from diffcaps.parallel._topology import make_topology, require_process_group
 from diffcaps.protocols import SupportsContextParallel, require
@@ -27,8 +27,25 @@ _sessions = itertools.count()  # advances alike on every rank: names this sessio
 _SLOT: Final = InstanceSlot("context_parallel", Session)
 
 
-def _targets(module: nn.Module, plan: ContextParallelPlan) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
-    """The attention modules and the gathered submodules, checked against the model (no communication)."""
+Targets = tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module, str, SplitAt]], list[tuple[str, nn.Module]]]
+
+
+def _inside(module: nn.Module, plan: ContextParallelPlan) -> list[tuple[str, nn.Module, str, SplitAt]]:
+    """(path, submodule, pattern, split) for every submodule an ``inside`` pattern matches."""
+    names = [name for name, _ in module.named_modules() if name]
+    found: list[tuple[str, nn.Module, str, SplitAt]] = []
+    for pattern, split in plan.inside.items():
+        paths = module_paths(pattern, names)
+        if not paths:
+            raise ParallelError(f"the context-parallel plan splits inside {pattern!r}, which matches no submodule "
+                                f"of {type(module).__name__}")
+        found.extend((path, module.get_submodule(path), pattern, split) for path in paths)
+    return found
+
+
+def _targets(module: nn.Module, plan: ContextParallelPlan) -> Targets:
+    """The attention modules, the submodules split inside the model and the gathered submodules, checked
+    against the model (no communication)."""
     attention = [(name, m) for name, m in module.named_modules() if plan.attention.matches(m)]
     if not attention:
         raise ParallelError(f"{type(module).__name__} has no {', '.join(plan.attention.entries())} module for "
@@ -45,13 +62,14 @@ def _targets(module: nn.Module, plan: ContextParallelPlan) -> tuple[list[tuple[s
         except AttributeError:
             raise ParallelError(f"the context-parallel plan gathers {name!r}, which {type(module).__name__} lacks") \
                 from None
-    return attention, gathered
+    return attention, _inside(module, plan), gathered
 
 
 def enable(model: SupportsContextParallel, config: ContextParallelConfig | None = None) -> None:
     """Split the model's sequence over the config's ranks; call it on every rank.
 
-    Each rank keeps its shard of the inputs the model's plan splits; attention runs the
+    Each rank keeps its shard of what the model's plan splits (its inputs, or a submodule's
+    inputs or output inside it); attention runs the
     distributed algorithm; the declared outputs are gathered, so every rank returns the whole
     result. A failing rank's error reaches the others, which raise
     :class:`~diffcaps.errors.RankFailure` naming it. Bad arguments raise before any
@@ -67,7 +85,7 @@ def enable(model: SupportsContextParallel, config: ContextParallelConfig | None 
     if _SLOT.get(module) is not None:
         raise ParallelError(f"context parallelism is already enabled on this {type(module).__name__}; "
                             "call diffcaps.parallel.disable(model) first")
-    attention, gathered = _targets(module, plan)
+    attention, inside, gathered = _targets(module, plan)
     require_process_group()
     topology = make_topology(config.ulysses_degree, config.ring_degree, config.mesh, config.timeout)  # first communication
     comm = Communicator(rank=topology.rank, session=next(_sessions), timeout=config.timeout,
@@ -78,10 +96,14 @@ def enable(model: SupportsContextParallel, config: ContextParallelConfig | None 
             original = getattr(target, plan.kernel)
             target.__dict__[plan.kernel] = ContextParallelKernel(session, name, original)
             session.kernels.append(target)
+        for path, target, pattern, split in inside:
+            add_hook(target, f"{SPLIT_HOOK}@{pattern}", InsideSplitHook(session, path, target, split))
+            session.hooks.append((target, f"{SPLIT_HOOK}@{pattern}"))
+            session.placed.append((path, target))
         for name, target in gathered:
             add_hook(target, GATHER_HOOK, GatherHook(session, name, plan.outputs[name]))
             session.hooks.append((target, GATHER_HOOK))
-            session.gathered.append((name, target))
+            session.placed.append((name, target))
         add_hook(module, SPLIT_HOOK, SplitHook(session, module))
         session.hooks.append((module, SPLIT_HOOK))
     except BaseException:

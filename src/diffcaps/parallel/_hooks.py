@@ -1,4 +1,10 @@
-"""The two hooks that apply a plan: split the model's inputs, gather the declared outputs."""
+"""The hooks that apply a plan: split the model's inputs (and run each call as one unit), split
+inside the model at a submodule's inputs or output, gather the declared outputs.
+
+All of them have order :data:`~diffcaps.hooks.SHARDING`: on a module that other features hook
+too, they run outside those hooks, so a cache sees this rank's shard both going in and coming
+out, whichever feature was enabled first.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from diffcaps.errors import ParallelError, RankFailure
-from diffcaps.hooks import Forward, Hook, sharded
-from diffcaps.parallel._layout import Layout, shard_sizes
-from diffcaps.parallel._service import GatherOutput, SplitInput
+from diffcaps.hooks import SHARDING, Forward, Hook, sharded
+from diffcaps.parallel._layout import shard_sizes
+from diffcaps.parallel._service import GatherOutput, SplitAt, SplitInput
 from diffcaps.parallel._session import Session
 
-__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "SplitHook"]
+__all__ = ["GATHER_HOOK", "SPLIT_HOOK", "GatherHook", "InsideSplitHook", "SplitHook"]
 
 SPLIT_HOOK: Final = "diffcaps.parallel.split"
 GATHER_HOOK: Final = "diffcaps.parallel.gather"
@@ -37,6 +43,8 @@ class SplitHook(Hook):
     name this rank) and marks the session unusable.
     """
 
+    order = SHARDING
+
     def __init__(self, session: Session, module: nn.Module) -> None:
         self.session = session
         self.signature = inspect.signature(type(module).forward)
@@ -44,8 +52,8 @@ class SplitHook(Hook):
     def new_forward(self, module: nn.Module, forward: Forward, /, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         session.check_usable()
-        for name, gathered in session.gathered:
-            if module.get_submodule(name) is not gathered:
+        for name, placed in session.placed:
+            if module.get_submodule(name) is not placed:
                 raise ParallelError(
                     f"{name!r} was replaced after context parallelism was enabled (a LoRA loaded or fused since?); "
                     "call diffcaps.parallel.disable(model) and enable it again on every rank"
@@ -58,12 +66,14 @@ class SplitHook(Hook):
         if _grad_needed(module, values):
             raise ParallelError("context parallelism runs inference only (its collectives carry no gradients); "
                                 "call the model under torch.no_grad() or torch.inference_mode()")
-        streams: dict[str, tuple[str, int]] = {}
-        for name, split in session.plan.inputs.items():
-            if name in values and values[name] is not None:
-                values[name] = self._split(name, split, values[name], streams)
-        session.layout = Layout(session.topology.position, session.topology.world,
-                                (length for _, length in streams.values()))
+        session.start_call()
+        try:
+            for name, split in session.plan.inputs.items():
+                if name in values and values[name] is not None:
+                    values[name] = split_value(session, name, split, values[name])
+        except BaseException:
+            session.end_call()
+            raise
         topology = session.topology
 
         def summed(statistics: Tensor) -> Tensor:
@@ -81,36 +91,76 @@ class SplitHook(Hook):
             error.add_note(f"(raised on context-parallel rank {session.topology.rank}; the other ranks were told)")
             raise
         finally:
-            session.layout = None
+            session.end_call()
 
-    def _split(self, name: str, split: SplitInput, value: Any, streams: dict[str, tuple[str, int]]) -> Any:
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._split(f"{name}[{i}]", split, item, streams) for i, item in enumerate(value))
-        if not isinstance(value, Tensor):
-            raise ParallelError(f"the context-parallel plan splits input {name!r}, but it is a "
-                                f"{type(value).__name__}, not a tensor")
+
+def split_value(session: Session, name: str, split: SplitInput, value: Any) -> Any:
+    """This rank's shard of ``value`` (a tensor, or a list or tuple of them), the input called ``name``."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(split_value(session, f"{name}[{i}]", split, item) for i, item in enumerate(value))
+    if not isinstance(value, Tensor):
+        raise ParallelError(f"the context-parallel plan splits {name!r}, but it is a "
+                            f"{type(value).__name__}, not a tensor")
+    try:
+        axis = split.axis(name, value)
+    except ValueError as error:
+        raise ParallelError(str(error)) from None
+    if axis is None:
+        return value
+    topology = session.topology
+    total = value.shape[axis]
+    session.add_stream(split.stream or name.partition("[")[0], name, total)
+    if total < topology.world:
+        raise ParallelError(f"{name!r} has {total} token(s) along dim {axis}, fewer than the "
+                            f"{topology.world} ranks sharing it: every rank needs at least one")
+    sizes = shard_sizes(total, topology.world)
+    start = sum(sizes[: topology.position])
+    return value.narrow(axis, start, sizes[topology.position])
+
+
+@final
+class InsideSplitHook(Hook):
+    """On a submodule the plan splits at: its declared arguments before it runs, its output after."""
+
+    order = SHARDING
+
+    def __init__(self, session: Session, path: str, module: nn.Module, split: SplitAt) -> None:
+        self.session = session
+        self.path = path
+        self.split = split
+        self.signature = inspect.signature(type(module).forward)
+
+    def _check_call(self) -> None:
+        if self.session.layout is None:
+            raise ParallelError(f"{self.path} ran outside the model's forward; with context parallelism enabled, "
+                                "call the whole model (its split hook sets up each call)")
+
+    def pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not self.split.inputs:
+            return args, kwargs
+        self._check_call()
         try:
-            axis = split.axis(name, value)
-        except ValueError as error:
-            raise ParallelError(str(error)) from None
-        topology = self.session.topology
-        total = value.shape[axis]
-        stream = split.stream or name.partition("[")[0]
-        first = streams.setdefault(stream, (name, total))
-        if first[1] != total:
-            raise ParallelError(f"inputs {first[0]!r} and {name!r} hold the same tokens (stream {stream!r}) but have "
-                                f"{first[1]} and {total} of them")
-        if total < topology.world:
-            raise ParallelError(f"input {name!r} has {total} token(s) along dim {axis}, fewer than the "
-                                f"{topology.world} ranks sharing it: every rank needs at least one")
-        sizes = shard_sizes(total, topology.world)
-        start = sum(sizes[: topology.position])
-        return value.narrow(axis, start, sizes[topology.position])
+            bound = self.signature.bind(module, *args, **kwargs)
+        except TypeError as error:
+            raise ParallelError(f"{self.path} ({type(module).__name__}): {error}") from None
+        values = bound.arguments
+        for name, split in self.split.inputs.items():
+            if name in values and values[name] is not None:
+                values[name] = split_value(self.session, f"{self.path}:{name}", split, values[name])
+        return bound.args[1:], bound.kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.split.output is None:
+            return output
+        self._check_call()
+        return split_value(self.session, f"{self.path} output", self.split.output, output)
 
 
 @final
 class GatherHook(Hook):
     """On a declared submodule: all ranks get its whole output, pieces in position order."""
+
+    order = SHARDING
 
     def __init__(self, session: Session, name: str, gather: GatherOutput) -> None:
         self.session = session

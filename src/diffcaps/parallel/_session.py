@@ -22,8 +22,9 @@ __all__ = ["Session"]
 class Session:
     """The plan, the rank grid, the communicator, the current call's layout, what was installed.
 
-    ``layout`` is set by the split hook for the duration of one forward call; attention kernels
-    and gather hooks read it. ``broken`` holds the reason once a forward failed part-way:
+    ``layout`` is set by the model's split hook for the duration of one forward call and grows
+    with each token stream split during it (at the model's inputs or inside it); attention
+    kernels and gather hooks read it. ``broken`` holds the reason once a forward failed part-way:
     collectives may then be out of step, so later calls refuse to run.
     """
 
@@ -34,10 +35,37 @@ class Session:
         self.comm = comm
         self.config = config
         self.layout: Layout | None = None
+        self.streams: dict[str, tuple[str, int]] = {}
         self.broken: str | None = None
         self.hooks: list[tuple[nn.Module, str]] = []
         self.kernels: list[nn.Module] = []
-        self.gathered: list[tuple[str, nn.Module]] = []
+        self.placed: list[tuple[str, nn.Module]] = []
+        """Submodules hooked by path (split inside or gathered): they must still be there at each call."""
+
+    def start_call(self) -> None:
+        """Begin one forward call: no stream is split yet."""
+        self.streams = {}
+        self.layout = Layout(self.topology.position, self.topology.world, ())
+
+    def end_call(self) -> None:
+        """End the forward call."""
+        self.streams = {}
+        self.layout = None
+
+    def add_stream(self, stream: str, name: str, total: int) -> None:
+        """Record that ``name`` is split from ``total`` tokens of ``stream`` in this call.
+
+        Raises if another split of the same stream had a different length.
+        """
+        first = self.streams.get(stream)
+        if first is not None:
+            if first[1] != total:
+                raise ParallelError(f"{first[0]!r} and {name!r} hold the same tokens (stream {stream!r}) but "
+                                    f"have {first[1]} and {total} of them")
+            return
+        self.streams[stream] = (name, total)
+        self.layout = Layout(self.topology.position, self.topology.world,
+                             (length for _, length in self.streams.values()))
 
     def lengths(self, local: int, what: str, device: torch.device) -> tuple[int, ...]:
         """Every rank's length (in position order) of the sequence this rank holds ``local`` tokens of."""
@@ -50,7 +78,8 @@ class Session:
         except LookupError:
             raise ParallelError(
                 f"{what} got a sequence of {local} tokens on rank {self.topology.rank}, which is not made of the "
-                f"split inputs' shards ({', '.join(self.plan.inputs)}); the plan does not cover this sequence"
+                f"split streams' shards ({', '.join(self.streams) or 'none split yet'}); the plan does not cover "
+                "this sequence"
             ) from None
         if found is None:
             found = self.exchange(local, what, device)

@@ -21,10 +21,12 @@ from diffcaps.model import Model
 from diffcaps.models.wan._blocks import MODULATIONS, WanTransformerBlock
 from diffcaps.models.wan._cache import WAN_CACHE
 from diffcaps.models.wan._config import WanConfig
+from diffcaps.models.wan._context_parallel import WAN_CONTEXT_PARALLEL
 from diffcaps.models.wan._embeddings import WanRotaryEmbedding, WanTimeTextImageEmbedding
 from diffcaps.models.wan._lora import WAN_LORA
 from diffcaps.models.wan._weight_mapping import WAN_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
+from diffcaps.parallel.spec import ContextParallelPlan
 from diffcaps.services import ModuleNames, ModuleTypes
 from diffcaps.weights.spec import WeightMapper
 
@@ -48,6 +50,7 @@ class WanCapabilities(Capabilities):
         ModuleNames(("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"))
     )
     repeated_blocks: ModuleTypes = capability(WAN_BLOCKS)
+    context_parallel: ContextParallelPlan = capability(WAN_CONTEXT_PARALLEL)
     cache: CacheSupport = capability(WAN_CACHE)
     weight_mapping: WeightMapper = capability(WAN_WEIGHTS)
     lora: LoRAService = capability(WAN_LORA)
