@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ import torch.distributed as dist
 
 from diffcaps import cache, parallel
 from diffcaps.cache import FirstBlockCacheConfig
+from diffcaps.errors import ParallelError
 from diffcaps.hooks import hook_names
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
 from diffcaps.parallel import ContextParallelConfig
+from diffcaps.parallel._api import _inside  # the pattern check, without a model that declares a bad plan
+from diffcaps.parallel.spec import ContextParallelPlan, SplitAt, SplitInput
 from tests.wan_fixtures import CONFIGS, seeded_model, wan_inputs
 
 TOLERANCE = 1e-5
@@ -259,3 +262,43 @@ def test_metadata_row() -> None:
     row = WanTransformer3DModel.metadata()["context_parallel"]
     assert row.entries == ("ulysses", "ring", "split rope output@0", "split blocks.0:hidden_states@1",
                            "split blocks.*:temb@1", "gather norm_out@1", "attention WanSelfAttention")
+
+
+# --- in this process: a one-rank gloo group ---------------------------------------------------
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_a_split_submodule_called_alone_is_refused_and_disable_restores() -> None:
+    case = Case(config="ti2v", per_token=True)
+    model = build_model(case)
+    inputs = case_inputs(case)
+    with torch.no_grad():
+        before = model(**inputs).sample
+        parallel.enable(model)
+        assert torch.equal(model(**inputs).sample, before)
+        with pytest.raises(ParallelError, match="rope ran outside the model's forward"):
+            model.rope(inputs["hidden_states"])
+        with pytest.raises(ParallelError, match="blocks.1 ran outside the model's forward"):
+            model.blocks[1](torch.zeros(1, 4, 24), torch.zeros(1, 3, 24), torch.zeros(1, 4, 6, 24),
+                            (torch.zeros(4, 8), torch.zeros(4, 8)))
+        parallel.disable(model)
+        assert all(hook_names(module) == () for module in model.modules())
+        assert torch.equal(model(**inputs).sample, before)
+
+
+def test_a_pattern_matching_no_submodule_is_refused() -> None:
+    model = build_model(Case())
+    declared = WanTransformer3DModel.declared_capabilities().context_parallel
+    plan = ContextParallelPlan(inside={"blocks.*.ffn.9": SplitAt(output=SplitInput(ndim=3, dim=1))},
+                               outputs=declared.outputs, attention=declared.attention)
+    with pytest.raises(ParallelError, match="'blocks.\\*.ffn.9', which matches no submodule"):
+        _inside(model, plan)
+    assert [path for path, *_ in _inside(model, declared)] == ["rope", "blocks.0", "blocks.0", "blocks.1"]
