@@ -199,6 +199,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "grid_position_ids",
         "modulate",
         "rope_frequencies",
+        "modulation_table",
         "table_modulation",
         "timestep_embedding",
     ],

@@ -17,6 +17,7 @@ from diffcaps.layers import (
     FP32LayerNorm,
     RMSNorm,
     modulate,
+    modulation_table,
     table_modulation,
 )
 
@@ -141,3 +142,13 @@ def test_table_modulation_per_sample_and_per_token() -> None:
     assert torch.equal(gate[:, 0], table[0, 2] + shared[:, 0])
     with pytest.raises(ValueError, match=r"table \[1, n, dim\]"):
         table_modulation(table, torch.zeros(2, 2, 4))
+
+
+def test_modulation_table_is_normal_with_variance_one_over_dim_and_untouched_on_meta() -> None:
+    torch.manual_seed(0)
+    table = modulation_table(6, 4096)
+    assert isinstance(table, torch.nn.Parameter) and table.shape == (1, 6, 4096)
+    assert abs(float(table.std()) - 4096**-0.5) < 0.05 * 4096**-0.5 and abs(float(table.mean())) < 1e-3
+    with torch.device("meta"):
+        on_meta = modulation_table(6, 4096)
+    assert on_meta.is_meta and on_meta.shape == (1, 6, 4096)

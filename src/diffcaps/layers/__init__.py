@@ -12,7 +12,7 @@ and [batch, seq, dim] elsewhere.
 - :class:`FeedForward`, :class:`GELU`: the transformer MLP and its GELU projection.
 - :class:`RMSNorm`, :class:`AdaLayerNormZero`, :class:`AdaLayerNormZeroSingle`,
   :class:`AdaLayerNormContinuous`, :class:`FP32LayerNorm`, :func:`modulate`,
-  :func:`table_modulation`: norms and adaptive modulation (from a projection of the
+  :func:`modulation_table`, :func:`table_modulation`: norms and adaptive modulation (from a projection of the
   conditioning, or a learned ``scale_shift_table`` plus the conditioning).
 """
 
@@ -30,6 +30,7 @@ from diffcaps.layers._norms import (
     FP32LayerNorm as FP32LayerNorm,
     RMSNorm as RMSNorm,
     modulate as modulate,
+    modulation_table as modulation_table,
     table_modulation as table_modulation,
 )
 from diffcaps.layers._rope import (
@@ -55,6 +56,7 @@ __all__ = [
     "grid_position_ids",
     "modulate",
     "rope_frequencies",
+    "modulation_table",
     "table_modulation",
     "timestep_embedding",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "FP32LayerNorm",
     "RMSNorm",
     "modulate",
+    "modulation_table",
     "table_modulation",
 ]
 
@@ -19,6 +21,18 @@ __all__ = [
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """``x * (1 + scale) + shift``; ``shift`` and ``scale`` broadcast against ``x``."""
     return x * (1 + scale) + shift
+
+
+def modulation_table(rows: int, dim: int) -> nn.Parameter:
+    """A learned ``scale_shift_table`` [1, rows, dim], initialised N(0, 1/dim).
+
+    Built on the meta device (loading), it is left uninitialised: no work, and none of the
+    reference-op imports that arithmetic on meta tensors triggers (about a second, once).
+    """
+    table = torch.empty(1, rows, dim)
+    if table.device.type != "meta":
+        nn.init.normal_(table, std=dim**-0.5)
+    return nn.Parameter(table)
 
 
 def table_modulation(table: Tensor, emb: Tensor) -> tuple[Tensor, ...]:

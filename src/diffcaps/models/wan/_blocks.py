@@ -7,10 +7,9 @@ sample, or one per token for Wan 2.2 TI2V).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from diffcaps.layers import FeedForward, FP32LayerNorm, modulate, table_modulation
+from diffcaps.layers import FeedForward, FP32LayerNorm, modulate, modulation_table, table_modulation
 from diffcaps.models.wan._attention import WanCrossAttention, WanSelfAttention
 
 __all__ = ["MODULATIONS", "WanTransformerBlock"]
@@ -32,7 +31,7 @@ class WanTransformerBlock(nn.Module):
         self.norm2: nn.Module = FP32LayerNorm(dim, eps) if cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, inner_dim=ffn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, MODULATIONS, dim) / dim**0.5)
+        self.scale_shift_table = modulation_table(MODULATIONS, dim)
 
     def forward(
         self,

@@ -15,7 +15,7 @@ from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
 from diffcaps.errors import InputError
-from diffcaps.layers import FP32LayerNorm, modulate, table_modulation
+from diffcaps.layers import FP32LayerNorm, modulate, modulation_table, table_modulation
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
 from diffcaps.models.wan._blocks import MODULATIONS, WanTransformerBlock
@@ -94,7 +94,7 @@ class WanTransformer3DModel(Model[WanConfig, WanCapabilities]):
         )
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, config.output_channels * math.prod(config.patch_size))
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.scale_shift_table = modulation_table(2, dim)
 
     @overload
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
