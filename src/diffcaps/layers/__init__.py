@@ -55,8 +55,8 @@ __all__ = [
     "attention",
     "grid_position_ids",
     "modulate",
-    "rope_frequencies",
     "modulation_table",
+    "rope_frequencies",
     "table_modulation",
     "timestep_embedding",
 ]
