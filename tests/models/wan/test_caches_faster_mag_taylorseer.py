@@ -1,6 +1,6 @@
 """FasterCache, MagCache and TaylorSeer on Wan against diffusers' own on the same weights.
 
-Same loop, same call log and same clock as ``test_cache.py`` (First Block Cache and Pyramid
+Same loop, call log and clock (``_cache_loop.py``) as ``test_caches_fbc_pab.py`` (First Block Cache and Pyramid
 Attention Broadcast): which modules ran at each step is read with plain torch forward hooks,
 so neither library's bookkeeping is trusted, and the final latents must agree.
 """
@@ -15,7 +15,7 @@ import torch
 
 from diffcaps import cache
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from tests.models.wan.test_cache import STEPS, Clock, denoise
+from tests.models.wan._cache_loop import STEPS, Clock, denoise
 from tests.wan_fixtures import I2V, T2V, diffusers_wan, seeded_model, wan_inputs
 
 

@@ -1,59 +1,21 @@
-"""Wan's caches against diffusers' own on the same weights: same compute/skip decisions, same latents.
-
-Which modules ran at each step is read with plain torch forward hooks on the first sub-layer of
-each block and attention (same names in both libraries), so neither library's bookkeeping is
-trusted. Wan needs no explicit identifiers: its one block list is ``blocks`` and its self- and
+"""First Block Cache and Pyramid Attention Broadcast on Wan against diffusers' own on the same
+weights: same compute/skip decisions, same latents (the loop is ``_cache_loop.py``). Wan needs no explicit identifiers: its one block list is ``blocks`` and its self- and
 cross-attention are told apart by class here and by ``is_cross_attention`` in diffusers, so
 diffusers' default identifiers (``blocks``) and diffcaps' match the same modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
 
 from diffcaps import cache
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from tests.cache.loop import call_log
+from tests.models.wan._cache_loop import Clock, denoise
 from tests.wan_fixtures import I2V, T2V, diffusers_wan, seeded_model, wan_inputs
-
-STEPS = 12
-RAN = (".norm1", "attn1.to_q", "attn2.to_q")
-Enter = Callable[[float], AbstractContextManager[Any]]
-
-
-class Clock:
-    """The current timestep, for diffusers' ``current_timestep_callback`` (typed there as returning int)."""
-
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def denoise(model: torch.nn.Module, inputs: dict[str, Tensor], enter: Enter) -> tuple[Tensor, list[tuple[str, ...]]]:
-    """A fixed Euler loop from t=1000 to 0 on 4 latent channels; the final latents and, per step,
-    which modules ran."""
-    ts = torch.linspace(1.0, 0.0, STEPS + 1)
-    # an image-to-video model sees its conditioning channels after the noisy latents, unchanged
-    x, condition = inputs["hidden_states"][:, :4], inputs["hidden_states"][:, 4:]
-    ran: list[tuple[str, ...]] = []
-    with call_log(model, RAN) as log, torch.no_grad():
-        for i in range(STEPS):
-            log.clear()
-            t = float(ts[i]) * 1000
-            with enter(t):
-                out: Tensor = model(**dict(inputs, hidden_states=torch.cat([x, condition], dim=1),
-                                           timestep=torch.full((x.shape[0],), t)), return_dict=False)[0]
-            ran.append(tuple(log))
-            x = x + (ts[i + 1] - ts[i]) * out
-    return x, ran
 
 
 def _cases() -> dict[str, tuple[str, dict[str, Any]]]:
