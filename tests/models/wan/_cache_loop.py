@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffcaps.models.wan import WanTransformer3DModel
 from tests.cache.loop import call_log
 
 STEPS = 12
@@ -48,3 +49,44 @@ def denoise(model: torch.nn.Module, inputs: dict[str, Tensor], enter: Enter) -> 
             ran.append(tuple(log))
             x = x + (ts[i + 1] - ts[i]) * out
     return x, ran
+
+
+def enters(ours: WanTransformer3DModel, theirs: Any, clock: Clock) -> tuple[Enter, Enter]:
+    """How each library opens the "cond" pass at timestep ``t`` (diffusers reads the clock)."""
+    from diffcaps import cache
+
+    def ours_enter(t: float) -> AbstractContextManager[Any]:
+        return cache.context(ours, "cond", timestep=t)
+
+    def theirs_enter(t: float) -> AbstractContextManager[Any]:
+        clock.now = round(t)
+        context: AbstractContextManager[Any] = theirs.cache_context("cond")
+        return context
+
+    return ours_enter, theirs_enter
+
+
+def assert_same_as_diffusers(ours: WanTransformer3DModel, theirs: Any, inputs: dict[str, Tensor], configs: tuple[Any, Any],
+                             clock: Clock) -> list[tuple[str, ...]]:
+    """Run the loop uncached, then cached in both libraries; assert the same modules ran at every
+    step, the same latents (≤ 1e-5), and that the cache skipped something. Returns what ran."""
+    from diffcaps import cache
+
+    ours_enter, theirs_enter = enters(ours, theirs, clock)
+    uncached, _ = denoise(ours, inputs, ours_enter)
+    cache.enable(ours, configs[0])
+    theirs.enable_cache(configs[1])
+    try:
+        latents, ran = denoise(ours, inputs, ours_enter)
+        expected, expected_ran = denoise(theirs, inputs, theirs_enter)
+        stats = cache.stats(ours)
+    finally:
+        cache.disable(ours)
+        theirs.disable_cache()
+    assert ran == expected_ran, "a module computed in one library and skipped in the other"
+    assert (latents - expected).abs().max().item() <= 1e-5
+    assert 0 < stats.skipped() and 0 < stats.computed()
+    assert not torch.equal(latents, uncached)
+    full = max(len(step) for step in ran)
+    assert sum(len(step) < full for step in ran) > 0
+    return ran

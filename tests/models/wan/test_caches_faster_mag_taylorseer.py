@@ -7,7 +7,6 @@ so neither library's bookkeeping is trusted, and the final latents must agree.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -15,19 +14,8 @@ import torch
 
 from diffcaps import cache
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from tests.models.wan._cache_loop import STEPS, Clock, denoise
+from tests.models.wan._cache_loop import STEPS, Clock, assert_same_as_diffusers, denoise, enters
 from tests.wan_fixtures import I2V, T2V, diffusers_wan, seeded_model, wan_inputs
-
-
-def _enters(ours: WanTransformer3DModel, theirs: Any, clock: Clock) -> tuple[Any, Any]:
-    def ours_enter(t: float) -> AbstractContextManager[None]:
-        return cache.context(ours, "cond", timestep=t)
-
-    def theirs_enter(t: float) -> AbstractContextManager[Any]:
-        clock.now = round(t)
-        context: AbstractContextManager[Any] = theirs.cache_context("cond")
-        return context
-    return ours_enter, theirs_enter
 
 
 def _calibrated(model: WanTransformer3DModel, inputs: dict[str, torch.Tensor]) -> tuple[float, ...]:
@@ -80,26 +68,7 @@ def test_same_decisions_and_latents_as_diffusers(case: str, config: WanConfig) -
     if kind == "mag_cache":
         settings = dict(settings, mag_ratios=_calibrated(ours, inputs))
     clock = Clock()
-    ours_enter, theirs_enter = _enters(ours, theirs, clock)
-
-    uncached, _ = denoise(ours, inputs, ours_enter)
-    our_config, their_config = _configs(kind, settings, clock)
-    cache.enable(ours, our_config)
-    theirs.enable_cache(their_config)
-    try:
-        latents, ran = denoise(ours, inputs, ours_enter)
-        expected, expected_ran = denoise(theirs, inputs, theirs_enter)
-        stats = cache.stats(ours)
-    finally:
-        cache.disable(ours)
-        theirs.disable_cache()
-
-    assert ran == expected_ran, "a module computed in one library and skipped in the other"
-    assert (latents - expected).abs().max().item() <= 1e-5
-    assert 0 < stats.skipped() and 0 < stats.computed()
-    assert not torch.equal(latents, uncached)
-    full = max(len(step) for step in ran)
-    assert sum(len(step) < full for step in ran) > 0
+    assert_same_as_diffusers(ours, theirs, inputs, _configs(kind, settings, clock), clock)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -111,7 +80,7 @@ def test_diffusers_default_taylorseer_identifiers_hook_nothing_on_wan() -> None:
     ours = seeded_model(T2V, seed=21)
     theirs = diffusers_wan(T2V, ours.state_dict())
     inputs = wan_inputs(T2V, seed=22)
-    _, theirs_enter = _enters(ours, theirs, Clock())
+    _, theirs_enter = enters(ours, theirs, Clock())
     uncached, all_ran = denoise(theirs, inputs, theirs_enter)
     theirs.enable_cache(hooks.TaylorSeerCacheConfig(cache_interval=3))
     try:

@@ -6,15 +6,13 @@ diffusers' default identifiers (``blocks``) and diffcaps' match the same modules
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
-import torch
 
 from diffcaps import cache
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from tests.models.wan._cache_loop import Clock, denoise
+from tests.models.wan._cache_loop import Clock, assert_same_as_diffusers
 from tests.wan_fixtures import I2V, T2V, diffusers_wan, seeded_model, wan_inputs
 
 
@@ -48,33 +46,7 @@ def test_same_decisions_and_latents_as_diffusers(case: str, config: WanConfig) -
     inputs = wan_inputs(config, seed=22)
     kind, settings = _cases()[case]
     clock = Clock()
-
-    def ours_enter(t: float) -> AbstractContextManager[None]:
-        return cache.context(ours, "cond", timestep=t)
-
-    def theirs_enter(t: float) -> AbstractContextManager[Any]:
-        clock.now = round(t)
-        context: AbstractContextManager[Any] = theirs.cache_context("cond")
-        return context
-
-    uncached, _ = denoise(ours, inputs, ours_enter)
-    our_config, their_config = _configs(kind, settings, clock)
-    cache.enable(ours, our_config)
-    theirs.enable_cache(their_config)
-    try:
-        latents, ran = denoise(ours, inputs, ours_enter)
-        expected, expected_ran = denoise(theirs, inputs, theirs_enter)
-        stats = cache.stats(ours)
-    finally:
-        cache.disable(ours)
-        theirs.disable_cache()
-
-    assert ran == expected_ran, "a module computed in one library and skipped in the other"
-    assert (latents - expected).abs().max().item() <= 1e-5
-    assert 0 < stats.skipped() and 0 < stats.computed()
-    assert not torch.equal(latents, uncached)
-    full = max(len(step) for step in ran)
-    assert sum(len(step) < full for step in ran) > 0
+    ran = assert_same_as_diffusers(ours, theirs, inputs, _configs(kind, settings, clock), clock)
     if case == "pab-cross":  # cross-attention is skipped on its own schedule
         assert any(sum(n.endswith("attn2.to_q") for n in step) < config.num_layers for step in ran)
 
