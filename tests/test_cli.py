@@ -47,7 +47,8 @@ def test_describe_takes_any_model_class_as_module_and_name(capsys: pytest.Captur
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("sdxl", "unknown model 'sdxl'; built-in models: flux, wan (or give module:Class)"),
+        ("sdxl", "unknown model 'sdxl'; known models: flux (FluxTransformer2DModel), wan (WanTransformer3DModel) "
+                 "(or give module:Class)"),
         ("no_such_module:Model", "cannot import 'no_such_module' for 'no_such_module:Model': ModuleNotFoundError"),
         ("tests.custom_model:Nothing", "module 'tests.custom_model' has no 'Nothing'"),
         ("diffcaps.errors:DiffcapsError", "'diffcaps.errors:DiffcapsError' is not a diffcaps Model subclass"),
@@ -230,7 +231,7 @@ def test_convert_without_a_model_names_the_file_it_cannot_place(
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(source))
     status, out, err = _run(["convert", str(source), str(tmp_path / "out")], capsys)
     assert (status, out) == (1, "")
-    assert err.startswith(f"diffcaps convert: {source}: is no built-in model's checkpoint (")
+    assert err.startswith(f"diffcaps convert: {source}: is no known model's checkpoint (")
     assert "FluxTransformer2DModel: " in err and "WanTransformer3DModel: " in err and err.endswith("pass --model\n")
     assert not (tmp_path / "out").exists()
 
@@ -239,5 +240,6 @@ def test_convert_without_a_model_names_the_file_it_cannot_place(
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     status, out, err = _run(["convert", str(folder), str(tmp_path / "out.safetensors")], capsys)
     assert (status, out) == (1, "")
-    assert err == (f"diffcaps convert: {folder / 'config.json'}: _class_name 'UNet2DConditionModel' is no built-in "
-                   "model's (flux, wan); pass --model\n")
+    assert err == (f"diffcaps convert: {folder / 'config.json'}: _class_name 'UNet2DConditionModel' is no known "
+                   "model's; known models: flux (FluxTransformer2DModel), wan (WanTransformer3DModel) (register "
+                   "yours with diffcaps.register_model); pass --model\n")

@@ -15,6 +15,7 @@ import diffcaps
 
 PUBLIC_NAMES: dict[str, list[str]] = {
     "diffcaps": [
+        "AutoModel",
         "Capabilities",
         "CapabilityRow",
         "Model",
@@ -24,6 +25,12 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "ModuleTypes",
         "__version__",
         "capability",
+        "register_model",
+    ],
+    "diffcaps.auto": [
+        "AutoModel",
+        "CODE_KEY",
+        "model_for_file",
     ],
     "diffcaps.cache": [
         "CacheConfig",
@@ -121,11 +128,13 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "IPAdapterError",
         "InputError",
         "LoRAError",
+        "ModelRegistrationError",
         "OffloadError",
         "ParallelError",
         "RankFailure",
         "ShapeError",
         "UnknownModelError",
+        "UntrustedCodeError",
     ],
     "diffcaps.hooks": [
         "ContextualState",
@@ -263,8 +272,12 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "Model",
     ],
     "diffcaps.models": [
+        "ENTRY_POINT_GROUP",
         "model_class",
+        "model_classes",
+        "model_for_class_name",
         "model_names",
+        "register_model",
     ],
     "diffcaps.models.flux": [
         "FluxCapabilities",

@@ -10,10 +10,13 @@ from diffcaps.capabilities import Capabilities as Capabilities, capability as ca
 from diffcaps.config import ModelConfig as ModelConfig
 from diffcaps.metadata import CapabilityRow as CapabilityRow, ModelMetadata as ModelMetadata
 from diffcaps.model import Model as Model
+from diffcaps.models import register_model as register_model
+from diffcaps.auto import AutoModel as AutoModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoModel",
     "Capabilities",
     "CapabilityRow",
     "Model",
@@ -23,4 +26,5 @@ __all__ = [
     "ModuleTypes",
     "__version__",
     "capability",
+    "register_model",
 ]

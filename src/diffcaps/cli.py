@@ -18,8 +18,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 import diffcaps
-from diffcaps.errors import DiffcapsError
-from diffcaps.models import model_class, model_names
+from diffcaps.errors import CheckpointError, ConfigError, DiffcapsError, UnknownModelError
+from diffcaps.models import model_class, model_classes, model_names
 
 if TYPE_CHECKING:
     from diffcaps.model import ConfigT, Model
@@ -98,10 +98,11 @@ def _timed(label: str) -> Generator[None]:
 
 def _demo(args: argparse.Namespace) -> int:
     from diffcaps.demo import DEMO_CONFIG, WAN_DEMO_CONFIG, demo_inputs, wan_demo_inputs
+    from diffcaps.models.flux import FluxTransformer2DModel
+    from diffcaps.models.wan import WanTransformer3DModel
 
-    if args.model == "wan":
-        from diffcaps.models.wan import WanTransformer3DModel
-
+    cls = model_class(args.model)
+    if cls is WanTransformer3DModel:
         frames, side = 3, 8
         tokens = frames * (side // WAN_DEMO_CONFIG.patch_size[1]) * (side // WAN_DEMO_CONFIG.patch_size[2])
         return _run_demo(
@@ -110,19 +111,22 @@ def _demo(args: argparse.Namespace) -> int:
             inputs=wan_demo_inputs(WAN_DEMO_CONFIG, seed=args.seed, frames=frames, side=side),
             work=f"1 × {tokens} video + 8 text tokens",
         )
-    from diffcaps.models.flux import FluxTransformer2DModel
-
-    return _run_demo(
-        FluxTransformer2DModel, DEMO_CONFIG, args,
-        what=(f"a seeded Flux transformer ({DEMO_CONFIG.num_layers} double + "
-              f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})"),
-        inputs=demo_inputs(DEMO_CONFIG, seed=args.seed), work="1 × 64 image + 8 text tokens",
-    )
+    if cls is FluxTransformer2DModel:
+        return _run_demo(
+            FluxTransformer2DModel, DEMO_CONFIG, args,
+            what=(f"a seeded Flux transformer ({DEMO_CONFIG.num_layers} double + "
+                  f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})"),
+            inputs=demo_inputs(DEMO_CONFIG, seed=args.seed), work="1 × 64 image + 8 text tokens",
+        )
+    # Any other model: its default config, saved and loaded; no forward pass (its inputs are its own).
+    return _run_demo(cls, cls.config_class(), args, what=f"a seeded {cls.__name__} (its default config)",
+                     inputs=None, work="")
 
 
 def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Namespace, *, what: str,
-              inputs: dict[str, Any], work: str) -> int:
-    """Build, save, load and run one demo model; 0 when the reloaded model reproduces the original."""
+              inputs: dict[str, Any] | None, work: str) -> int:
+    """Build, save, load and run one demo model; 0 when the reloaded model reproduces the original
+    (its outputs on ``inputs``, or without inputs its state dict)."""
     import torch
 
     torch.manual_seed(args.seed)
@@ -138,13 +142,18 @@ def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Na
             model.save_pretrained(folder)
         with _timed("from_pretrained (meta device, safetensors)"):
             loaded = cls.from_pretrained(folder)
-        with torch.no_grad(), _timed(f"forward pass ({work})"):
-            out: torch.Tensor = loaded(**inputs).sample
-        with torch.no_grad():
-            reference: torch.Tensor = model(**inputs).sample
-        same = torch.equal(out, reference)
-        print(f"  output {tuple(out.shape)}, mean |x| {out.abs().mean().item():.4f}; "
-              f"reloaded model reproduces the original: {'yes' if same else 'NO'}")
+        if inputs is None:
+            original, reloaded = model.state_dict(), loaded.state_dict()
+            same = original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original)
+            print(f"  reloaded model has the original's {len(original)} tensors: {'yes' if same else 'NO'}")
+        else:
+            with torch.no_grad(), _timed(f"forward pass ({work})"):
+                out: torch.Tensor = loaded(**inputs).sample
+            with torch.no_grad():
+                reference: torch.Tensor = model(**inputs).sample
+            same = torch.equal(out, reference)
+            print(f"  output {tuple(out.shape)}, mean |x| {out.abs().mean().item():.4f}; "
+                  f"reloaded model reproduces the original: {'yes' if same else 'NO'}")
         print(f"  saved to {folder}" if args.output else "  (temporary folder removed)")
     return 0 if same else 1
 
@@ -158,7 +167,7 @@ def _file_recognisers() -> list[Recogniser]:
     from diffcaps.lora import lora_recogniser
     from diffcaps.weights import checkpoint_recogniser
 
-    classes = [model_class(name) for name in model_names()]
+    classes = model_classes()
     return [checkpoint_recogniser(classes), lora_recogniser(classes)]
 
 
@@ -172,14 +181,21 @@ def _inspect(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
+    from diffcaps.auto import AutoModel
     from diffcaps.weights import convert
 
     dtype: torch.dtype | None = getattr(torch, args.dtype) if args.dtype else None
-    name = args.model if args.model is not None else _model_of(Path(args.source))
-    if args.model is None:
-        print(f"model: {name} ({model_class(name).__name__}), recognised from {args.source}")
+    if args.model is not None:
+        cls = model_class(args.model)
+    else:
+        try:
+            cls = AutoModel.model_class(args.source)
+        except (CheckpointError, ConfigError, UnknownModelError) as exc:
+            raise type(exc)(f"{exc}; pass --model") from exc
+        name = next((name for name in model_names() if model_class(name) is cls), cls.__name__)
+        print(f"model: {name} ({cls.__name__}), recognised from {args.source}")
     # A class from the registry may lack weight mapping; convert checks that first.
-    model = cast("type[SupportsWeightMapping]", model_class(name))
+    model = cast("type[SupportsWeightMapping]", cls)
     with ProgressBar("converting") as progress:
         done = convert(
             model, args.source, args.target,
@@ -192,36 +208,8 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_of(source: Path) -> str:
-    """The built-in model a checkpoint file (as ``inspect`` recognises it) or a diffusers folder
-    (by its ``config.json`` ``_class_name``) belongs to; ``CheckpointError`` when none or several."""
-    from diffcaps.errors import CheckpointError
-    from diffcaps.weights import checkpoint_recogniser
-
-    if source.is_dir():
-        config = source / "config.json"
-        try:
-            class_name = json.loads(config.read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{config}: cannot read the folder's model class ({exc}); pass --model") from exc
-        names = [name for name in model_names() if model_class(name).__name__ == class_name]
-        if len(names) != 1:
-            raise CheckpointError(f"{config}: _class_name {class_name!r} is no built-in model's "
-                                  f"({', '.join(model_names())}); pass --model")
-        return names[0]
-    from diffcaps.io import read_header
-
-    header = read_header(source)
-    verdicts = {name: checkpoint_recogniser([model_class(name)])(header) for name in model_names()}
-    names = [name for name, verdict in verdicts.items() if verdict.matched]
-    if len(names) != 1:
-        why = "; ".join(f"{label}: {reason}" for verdict in verdicts.values() for label, reason in verdict.rows)
-        found = f"matches {', '.join(names)}" if names else f"is no built-in model's checkpoint ({why})"
-        raise CheckpointError(f"{source}: {found}; pass --model")
-    return names[0]
-
-
-_MODEL_HELP = f"a built-in model ({', '.join(model_names())}) or module:Class naming any diffcaps Model subclass"
+_MODEL_HELP = ("a model's short name (flux, wan, or one registered with diffcaps.register_model or the "
+               "diffcaps.models entry points), its class name, or module:Class naming any diffcaps Model subclass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(run=_describe)
 
     demo = commands.add_parser("demo", parents=[common], help="build, save, load and run a small seeded model")
-    demo.add_argument("--model", choices=("flux", "wan"), default="flux", help="the demo model (default: flux)")
+    demo.add_argument("--model", default="flux",
+                      help="the demo model (default: flux); " + _MODEL_HELP + " (run with its default config)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs (default: 0)")
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
     demo.set_defaults(run=_demo)

@@ -24,11 +24,13 @@ __all__ = [
     "IPAdapterError",
     "InputError",
     "LoRAError",
+    "ModelRegistrationError",
     "OffloadError",
     "ParallelError",
     "RankFailure",
     "ShapeError",
     "UnknownModelError",
+    "UntrustedCodeError",
 ]
 
 
@@ -79,6 +81,14 @@ class CheckpointError(DiffcapsError, ValueError):
 
 class UnknownModelError(DiffcapsError, LookupError):
     """A model name or ``module:Class`` reference names no diffcaps model class."""
+
+
+class ModelRegistrationError(DiffcapsError, ValueError):
+    """``register_model`` was given something that is not a ``Model`` subclass, or a name already taken."""
+
+
+class UntrustedCodeError(DiffcapsError, PermissionError):
+    """A model folder ships Python code and ``trust_code=True`` was not given; the message names the file."""
 
 
 class ShapeError(CheckpointError):
