@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from diffcaps.services import ModuleNames, ModuleTypes, Service
+from diffcaps.attention.spec import AttentionSupport
 from diffcaps.cache.spec import CacheSupport
 from diffcaps.casting.spec import LayerwiseCasting
 from diffcaps.checkpointing.spec import GradientCheckpointing
@@ -97,6 +98,10 @@ class Capabilities:
     ip_adapter: IPAdapterSupport | None = attrs.field(
         default=None,
         metadata=_about("IP-Adapter image conditioning, held by the model", "ip-adapter"),
+    )
+    attention: AttentionSupport | None = attrs.field(
+        default=None,
+        metadata=_about("Attention module classes and the attention backends they can run", "attention-backends"),
     )
 
     def declared(self) -> Iterator[tuple[str, Service]]:

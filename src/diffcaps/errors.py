@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from os import PathLike
 
 __all__ = [
+    "AttentionError",
     "CacheError",
     "CapabilityError",
     "CastingError",
@@ -149,6 +150,10 @@ class OffloadError(DiffcapsError, ValueError):
 
 class IPAdapterError(DiffcapsError, ValueError):
     """An IP-Adapter call that does not fit the loaded adapters (name, scales, image embeddings)."""
+
+
+class AttentionError(DiffcapsError, RuntimeError):
+    """An attention backend that is unknown, not declared, or whose package or device is missing."""
 
 
 class ParallelError(DiffcapsError, RuntimeError):

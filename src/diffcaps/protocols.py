@@ -18,6 +18,7 @@ from torch import nn
 from diffcaps.errors import CapabilityError
 
 if TYPE_CHECKING:  # annotations only: the feature packages import this module
+    from diffcaps.attention.spec import AttentionSupport
     from diffcaps.cache.spec import CacheSupport
     from diffcaps.casting.spec import LayerwiseCasting
     from diffcaps.checkpointing.spec import GradientCheckpointing
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # annotations only: the feature packages import this module
     from diffcaps.services import ModuleNames, ModuleTypes
 
 __all__ = [
+    "HasAttention",
     "HasCache",
     "HasContextParallel",
     "HasGradientCheckpointing",
@@ -40,6 +42,7 @@ __all__ = [
     "HasNoSplitModules",
     "HasRepeatedBlocks",
     "HasWeightMapping",
+    "SupportsAttention",
     "SupportsCache",
     "SupportsContextParallel",
     "SupportsGradientCheckpointing",
@@ -52,6 +55,7 @@ __all__ = [
     "SupportsRepeatedBlocks",
     "SupportsWeightMapping",
     "require",
+    "supports_attention",
     "supports_cache",
     "supports_context_parallel",
     "supports_gradient_checkpointing",
@@ -109,6 +113,10 @@ def require(model: SupportsCache, feature: Literal["cache"]) -> tuple[nn.Module,
 
 @overload
 def require(model: SupportsIPAdapter, feature: Literal["ip_adapter"]) -> tuple[nn.Module, IPAdapterSupport]: ...
+
+
+@overload
+def require(model: SupportsAttention, feature: Literal["attention"]) -> tuple[nn.Module, AttentionSupport]: ...
 
 
 def require(model: object, feature: str) -> tuple[nn.Module, Any]:
@@ -350,3 +358,22 @@ class SupportsIPAdapter(Protocol):
 def supports_ip_adapter(model: object) -> TypeGuard[SupportsIPAdapter]:
     """Whether ``model`` declares ip adapter (narrows its type when true)."""
     return _declares(model, "ip_adapter")
+
+
+class HasAttention(Protocol):
+    """Capabilities that declare attention backends."""
+
+    @property
+    def attention(self) -> AttentionSupport: ...
+
+
+class SupportsAttention(Protocol):
+    """A model instance whose capabilities declare attention backends."""
+
+    @property
+    def capabilities(self) -> HasAttention: ...
+
+
+def supports_attention(model: object) -> TypeGuard[SupportsAttention]:
+    """Whether ``model`` declares attention backends (narrows its type when true)."""
+    return _declares(model, "attention")

@@ -4,7 +4,9 @@ Layers that own parameters keep diffusers' parameter names, so a model built fro
 a diffusers-compatible state dict. Tensors are [batch, seq, heads, head_dim] for attention
 and [batch, seq, dim] elsewhere.
 
-- :func:`attention`: scaled dot-product attention, with an optional mask.
+- :func:`attention`: scaled dot-product attention, with an optional mask;
+  :func:`module_attention` runs it for one module through the :class:`AttentionKernel` set on
+  it (:func:`set_attention_kernel`, :func:`attention_kernel`), the attention backends' hook point.
 - :class:`RotaryEmbedding`, :func:`rope_frequencies`, :func:`apply_rope`,
   :func:`grid_position_ids`: N-D RoPE from integer position ids, one axis per id column.
 - :func:`timestep_embedding`, :class:`TimestepEmbedding`, :class:`TextProjection`:
@@ -16,7 +18,13 @@ and [batch, seq, dim] elsewhere.
   conditioning, or a learned ``scale_shift_table`` plus the conditioning).
 """
 
-from diffcaps.layers._attention import attention as attention
+from diffcaps.layers._attention import (
+    AttentionKernel as AttentionKernel,
+    attention as attention,
+    attention_kernel as attention_kernel,
+    module_attention as module_attention,
+    set_attention_kernel as set_attention_kernel,
+)
 from diffcaps.layers._embeddings import (
     TextProjection as TextProjection,
     TimestepEmbedding as TimestepEmbedding,
@@ -44,6 +52,7 @@ __all__ = [
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
     "AdaLayerNormZeroSingle",
+    "AttentionKernel",
     "FP32LayerNorm",
     "FeedForward",
     "GELU",
@@ -53,10 +62,13 @@ __all__ = [
     "TimestepEmbedding",
     "apply_rope",
     "attention",
+    "attention_kernel",
     "grid_position_ids",
     "modulate",
     "modulation_table",
+    "module_attention",
     "rope_frequencies",
+    "set_attention_kernel",
     "table_modulation",
     "timestep_embedding",
 ]

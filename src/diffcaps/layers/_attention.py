@@ -1,11 +1,37 @@
-"""The attention call every model routes through: SDPA on [batch, seq, heads, head_dim] tensors."""
+"""The attention call every model routes through: SDPA on [batch, seq, heads, head_dim] tensors.
+
+:func:`module_attention` is the one place that decides which kernel an attention module runs:
+the :class:`AttentionKernel` set on that module (the attention-backend feature sets one), or
+:func:`attention` (SDPA) when none is set. The hot path is one ``__dict__`` read.
+"""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+from collections.abc import Callable
+from typing import Final, final
 
-__all__ = ["attention"]
+import attrs
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AttentionKernel", "attention", "attention_kernel", "module_attention", "set_attention_kernel"]
+
+KERNEL_ATTRIBUTE: Final = "_diffcaps_attention_kernel"
+"""The ``__dict__`` entry of an attention module that holds its :class:`AttentionKernel`."""
+
+
+@final
+@attrs.frozen
+class AttentionKernel:
+    """One attention backend: ``run(query, key, value, mask)`` on [batch, seq, heads, head_dim].
+
+    ``context_parallel`` says whether context parallelism may run with it: its ring merge
+    needs each partial result's log-sum-exp, which only the reference kernels give.
+    """
+
+    name: str
+    run: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+    context_parallel: bool = False
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -19,3 +45,27 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = N
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
     )
     return out.transpose(1, 2)
+
+
+def module_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                     mask: Tensor | None = None) -> Tensor:
+    """:func:`attention` for ``module``, through the kernel set on it when there is one."""
+    kernel = module.__dict__.get(KERNEL_ATTRIBUTE)
+    if kernel is None:
+        return attention(query, key, value, mask)
+    out: Tensor = kernel.run(query, key, value, mask)
+    return out
+
+
+def attention_kernel(module: nn.Module) -> AttentionKernel | None:
+    """The kernel set on ``module``, or ``None`` when it runs :func:`attention` (SDPA)."""
+    kernel = module.__dict__.get(KERNEL_ATTRIBUTE)
+    return kernel if isinstance(kernel, AttentionKernel) else None
+
+
+def set_attention_kernel(module: nn.Module, kernel: AttentionKernel | None) -> None:
+    """Make ``module`` run ``kernel`` (``None``: back to :func:`attention`)."""
+    if kernel is None:
+        module.__dict__.pop(KERNEL_ATTRIBUTE, None)
+    else:
+        module.__dict__[KERNEL_ATTRIBUTE] = kernel

@@ -11,6 +11,7 @@ from torch import nn
 from diffcaps import checks
 from diffcaps.errors import ParallelError
 from diffcaps.hooks import add_hook, remove_hook
+from diffcaps.layers import attention_kernel
 from diffcaps.parallel._comm import Communicator
 from diffcaps.parallel._config import ContextParallelConfig, ShardAssignment
 from diffcaps.parallel._hooks import GATHER_HOOK, SPLIT_HOOK, GatherHook, InsideSplitHook, SplitHook
@@ -86,6 +87,12 @@ def enable(model: SupportsContextParallel, config: ContextParallelConfig | None 
         raise ParallelError(f"context parallelism is already enabled on this {type(module).__name__}; "
                             "call diffcaps.parallel.disable(model) first")
     attention, inside, gathered = _targets(module, plan)
+    for name, target in attention:
+        kernel = attention_kernel(target)
+        if kernel is not None and not kernel.context_parallel:
+            raise ParallelError(f"{name} runs the {kernel.name!r} attention backend, which ring attention cannot "
+                                "merge (it needs the log-sum-exp only 'sdpa' and 'math' give); "
+                                "call diffcaps.attention.disable(model) first")
     require_process_group()
     topology = make_topology(config.ulysses_degree, config.ring_degree, config.mesh, config.timeout)  # first communication
     comm = Communicator(rank=topology.rank, session=next(_sessions), timeout=config.timeout,

@@ -7,14 +7,15 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from diffcaps.layers import RMSNorm, apply_rope, attention
+from diffcaps.layers import RMSNorm, apply_rope, module_attention
 
 __all__ = ["KERNEL", "PROCESSOR", "FluxAttention"]
 
 KERNEL: Final = "kernel"
 """The method joint attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
 
-It calls :func:`diffcaps.layers.attention`. A feature may replace it on one instance with an
+It calls :func:`diffcaps.layers.module_attention` (SDPA, or the attention backend set on the
+instance). A feature may replace it on one instance with an
 instance attribute of this name (context parallelism does, to run the distributed algorithm)
 and delete it to restore.
 """
@@ -54,7 +55,7 @@ class FluxAttention(nn.Module):
 
     def kernel(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Attention over the joint sequence (see ``KERNEL``), unless replaced on this instance."""
-        return attention(query, key, value)
+        return module_attention(self, query, key, value)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)

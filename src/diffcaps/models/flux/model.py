@@ -10,6 +10,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from diffcaps.attention.spec import AttentionSupport
 from diffcaps.cache.spec import CacheSupport
 from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
@@ -18,6 +19,7 @@ from diffcaps.errors import InputError
 from diffcaps.layers import AdaLayerNormContinuous, RotaryEmbedding
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
+from diffcaps.models.flux._attention import FluxAttention
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
@@ -53,6 +55,7 @@ class FluxCapabilities(Capabilities):
     lora: LoRAService = capability(FLUX_LORA)
     cache: CacheSupport = capability(FLUX_CACHE)
     ip_adapter: FluxIPAdapter = capability(FLUX_IP_ADAPTER)
+    attention: AttentionSupport = capability(AttentionSupport(modules=ModuleTypes((FluxAttention,))))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,13 +11,14 @@ from typing import Final
 from torch import Tensor, nn
 
 from diffcaps.errors import InputError
-from diffcaps.layers import RMSNorm, apply_rope, attention
+from diffcaps.layers import RMSNorm, apply_rope, module_attention
 
 __all__ = ["KERNEL", "WanCrossAttention", "WanSelfAttention"]
 
 KERNEL: Final = "kernel"
 """The method attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
-It calls :func:`diffcaps.layers.attention`; a feature may replace it on one instance with an
+It calls :func:`diffcaps.layers.module_attention` (SDPA, or the attention backend set on the
+instance); a feature may replace it on one instance with an
 instance attribute of this name and delete it to restore."""
 
 
@@ -45,7 +46,7 @@ class WanSelfAttention(nn.Module):
 
     def kernel(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Attention over the token sequence (see ``KERNEL``), unless replaced on this instance."""
-        return attention(query, key, value)
+        return module_attention(self, query, key, value)
 
     def forward(self, hidden_states: Tensor, rotary_emb: tuple[Tensor, Tensor]) -> Tensor:
         """Attend over ``hidden_states`` [batch, seq, dim] with RoPE ``(cos, sin)`` [seq, head_dim]."""
@@ -81,7 +82,7 @@ class WanCrossAttention(nn.Module):
 
     def kernel(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Attention to the context (see ``KERNEL``), unless replaced on this instance."""
-        return attention(query, key, value)
+        return module_attention(self, query, key, value)
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
                 encoder_hidden_states_image: Tensor | None = None) -> Tensor:

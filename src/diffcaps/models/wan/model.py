@@ -10,6 +10,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from diffcaps.attention.spec import AttentionSupport
 from diffcaps.cache.spec import CacheSupport
 from diffcaps.capabilities import Capabilities, capability
 from diffcaps.casting.spec import LayerwiseCasting
@@ -18,6 +19,7 @@ from diffcaps.errors import InputError
 from diffcaps.layers import FP32LayerNorm, modulate, modulation_table, table_modulation
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
+from diffcaps.models.wan._attention import WanCrossAttention, WanSelfAttention
 from diffcaps.models.wan._blocks import MODULATIONS, WanTransformerBlock
 from diffcaps.models.wan._cache import WAN_CACHE
 from diffcaps.models.wan._config import WanConfig
@@ -52,6 +54,9 @@ class WanCapabilities(Capabilities):
     repeated_blocks: ModuleTypes = capability(WAN_BLOCKS)
     context_parallel: ContextParallelPlan = capability(WAN_CONTEXT_PARALLEL)
     cache: CacheSupport = capability(WAN_CACHE)
+    attention: AttentionSupport = capability(
+        AttentionSupport(modules=ModuleTypes((WanSelfAttention, WanCrossAttention)))
+    )
     weight_mapping: WeightMapper = capability(WAN_WEIGHTS)
     lora: LoRAService = capability(WAN_LORA)
 
