@@ -1,8 +1,8 @@
 """The attention call every model routes through: SDPA on [batch, seq, heads, head_dim] tensors.
 
 :func:`module_attention` is the one place that decides which kernel an attention module runs:
-the :class:`AttentionKernel` set on that module (the attention-backend feature sets one), or
-:func:`attention` (SDPA) when none is set. The hot path is one ``__dict__`` read.
+the :class:`AttentionKernel` held in that module's ``InstanceSlot`` (the attention-backend
+feature sets one), or :func:`attention` (SDPA) when none is set. The hot path is one slot read.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffcaps.slots import InstanceSlot
+
 __all__ = ["AttentionKernel", "attention", "attention_kernel", "module_attention", "set_attention_kernel"]
-
-KERNEL_ATTRIBUTE: Final = "_diffcaps_attention_kernel"
-"""The ``__dict__`` entry of an attention module that holds its :class:`AttentionKernel`."""
-
 
 @final
 @attrs.frozen
@@ -32,6 +30,10 @@ class AttentionKernel:
     name: str
     run: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
     context_parallel: bool = False
+
+
+_SLOT: Final = InstanceSlot("attention_kernel", AttentionKernel)
+"""Where an attention module holds its :class:`AttentionKernel` (``_diffcaps_attention_kernel``)."""
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -50,7 +52,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = N
 def module_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      mask: Tensor | None = None) -> Tensor:
     """:func:`attention` for ``module``, through the kernel set on it when there is one."""
-    kernel = module.__dict__.get(KERNEL_ATTRIBUTE)
+    kernel = _SLOT.get(module)
     if kernel is None:
         return attention(query, key, value, mask)
     out: Tensor = kernel.run(query, key, value, mask)
@@ -59,13 +61,12 @@ def module_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
 
 def attention_kernel(module: nn.Module) -> AttentionKernel | None:
     """The kernel set on ``module``, or ``None`` when it runs :func:`attention` (SDPA)."""
-    kernel = module.__dict__.get(KERNEL_ATTRIBUTE)
-    return kernel if isinstance(kernel, AttentionKernel) else None
+    return _SLOT.get(module)
 
 
 def set_attention_kernel(module: nn.Module, kernel: AttentionKernel | None) -> None:
     """Make ``module`` run ``kernel`` (``None``: back to :func:`attention`)."""
     if kernel is None:
-        module.__dict__.pop(KERNEL_ATTRIBUTE, None)
+        _SLOT.clear(module)
     else:
-        module.__dict__[KERNEL_ATTRIBUTE] = kernel
+        _SLOT.set(module, kernel)
