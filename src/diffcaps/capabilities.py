@@ -23,6 +23,7 @@ from diffcaps.ip_adapter.spec import IPAdapterSupport
 from diffcaps.lora.spec import LoRAService
 from diffcaps.offload.spec import GroupOffloading
 from diffcaps.parallel.spec import ContextParallelPlan
+from diffcaps.quantization.spec import QuantizationSupport
 from diffcaps.weights.spec import WeightMapper
 
 __all__ = [
@@ -102,6 +103,11 @@ class Capabilities:
     attention: AttentionSupport | None = attrs.field(
         default=None,
         metadata=_about("Attention module classes and the attention backends they can run", "attention-backends"),
+    )
+    quantization: QuantizationSupport | None = attrs.field(
+        default=None,
+        metadata=_about("Quantization schemes accepted (GGUF, scaled fp8, torchao) and modules kept unquantized",
+                        "quantized-checkpoints"),
     )
 
     def declared(self) -> Iterator[tuple[str, Service]]:

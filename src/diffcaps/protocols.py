@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # annotations only: the feature packages import this module
     from diffcaps.lora.spec import LoRAService
     from diffcaps.offload.spec import GroupOffloading
     from diffcaps.parallel.spec import ContextParallelPlan
+    from diffcaps.quantization.spec import QuantizationSupport
     from diffcaps.weights.spec import WeightMapper
     from diffcaps.services import ModuleNames, ModuleTypes
 
@@ -40,6 +41,7 @@ __all__ = [
     "HasLayerwiseCasting",
     "HasLoRA",
     "HasNoSplitModules",
+    "HasQuantization",
     "HasRepeatedBlocks",
     "HasWeightMapping",
     "SupportsAttention",
@@ -52,6 +54,7 @@ __all__ = [
     "SupportsLayerwiseCasting",
     "SupportsLoRA",
     "SupportsNoSplitModules",
+    "SupportsQuantization",
     "SupportsRepeatedBlocks",
     "SupportsWeightMapping",
     "require",
@@ -65,6 +68,7 @@ __all__ = [
     "supports_layerwise_casting",
     "supports_lora",
     "supports_no_split_modules",
+    "supports_quantization",
     "supports_repeated_blocks",
     "supports_weight_mapping",
     "unwrap_compiled",
@@ -117,6 +121,10 @@ def require(model: SupportsIPAdapter, feature: Literal["ip_adapter"]) -> tuple[n
 
 @overload
 def require(model: SupportsAttention, feature: Literal["attention"]) -> tuple[nn.Module, AttentionSupport]: ...
+
+
+@overload
+def require(model: SupportsQuantization, feature: Literal["quantization"]) -> tuple[nn.Module, QuantizationSupport]: ...
 
 
 def require(model: object, feature: str) -> tuple[nn.Module, Any]:
@@ -377,3 +385,22 @@ class SupportsAttention(Protocol):
 def supports_attention(model: object) -> TypeGuard[SupportsAttention]:
     """Whether ``model`` declares attention backends (narrows its type when true)."""
     return _declares(model, "attention")
+
+
+class HasQuantization(Protocol):
+    """Capabilities that declare quantization schemes."""
+
+    @property
+    def quantization(self) -> QuantizationSupport: ...
+
+
+class SupportsQuantization(Protocol):
+    """A model instance whose capabilities declare quantization schemes."""
+
+    @property
+    def capabilities(self) -> HasQuantization: ...
+
+
+def supports_quantization(model: object) -> TypeGuard[SupportsQuantization]:
+    """Whether ``model`` declares quantization schemes (narrows its type when true)."""
+    return _declares(model, "quantization")

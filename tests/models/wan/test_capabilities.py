@@ -23,7 +23,7 @@ from tests.wan_fixtures import I2V, T2V, diffusers_wan, seeded_model, wan_inputs
 
 DECLARED = ["gradient_checkpointing", "group_offloading", "no_split_modules", "layerwise_casting",
             "keep_in_fp32", "repeated_blocks", "context_parallel", "weight_mapping", "lora", "cache",
-            "attention"]
+            "attention", "quantization"]
 
 
 def _out(model: torch.nn.Module, **kwargs: Any) -> torch.Tensor:

@@ -19,7 +19,7 @@ from diffcaps.errors import InputError
 from diffcaps.layers import AdaLayerNormContinuous, RotaryEmbedding
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
-from diffcaps.models.flux._attention import FluxAttention
+from diffcaps.models.flux._attention import FLUX_QKV_FUSION, FluxAttention
 from diffcaps.models.flux._blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffcaps.models.flux._cache import FLUX_CACHE
 from diffcaps.models.flux._config import FluxConfig
@@ -30,7 +30,8 @@ from diffcaps.models.flux._ip_adapter import FLUX_IP_ADAPTER, FluxIPAdapter
 from diffcaps.models.flux._weight_mapping import FLUX_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
 from diffcaps.parallel.spec import ContextParallelPlan
-from diffcaps.services import ModuleTypes
+from diffcaps.quantization.spec import QuantizationSupport
+from diffcaps.services import ModuleNames, ModuleTypes
 from diffcaps.weights.spec import WeightMapper
 
 __all__ = ["FluxCapabilities", "FluxOutput", "FluxTransformer2DModel"]
@@ -53,9 +54,10 @@ class FluxCapabilities(Capabilities):
     context_parallel: ContextParallelPlan = capability(FLUX_CONTEXT_PARALLEL)
     weight_mapping: WeightMapper = capability(FLUX_WEIGHTS)
     lora: LoRAService = capability(FLUX_LORA)
+    quantization: QuantizationSupport = capability(QuantizationSupport(keep=ModuleNames(("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"))))
     cache: CacheSupport = capability(FLUX_CACHE)
     ip_adapter: FluxIPAdapter = capability(FLUX_IP_ADAPTER)
-    attention: AttentionSupport = capability(AttentionSupport(modules=ModuleTypes((FluxAttention,))))
+    attention: AttentionSupport = capability(AttentionSupport(modules=ModuleTypes((FluxAttention,)), qkv_fusion=FLUX_QKV_FUSION))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from diffcaps.errors import InputError
 from diffcaps.layers import FP32LayerNorm, modulate, modulation_table, table_modulation
 from diffcaps.lora.spec import LoRAService
 from diffcaps.model import Model
-from diffcaps.models.wan._attention import WanCrossAttention, WanSelfAttention
+from diffcaps.models.wan._attention import WAN_QKV_FUSION, WanCrossAttention, WanSelfAttention
 from diffcaps.models.wan._blocks import MODULATIONS, WanTransformerBlock
 from diffcaps.models.wan._cache import WAN_CACHE
 from diffcaps.models.wan._config import WanConfig
@@ -29,6 +29,7 @@ from diffcaps.models.wan._lora import WAN_LORA
 from diffcaps.models.wan._weight_mapping import WAN_WEIGHTS
 from diffcaps.offload.spec import GroupOffloading
 from diffcaps.parallel.spec import ContextParallelPlan
+from diffcaps.quantization.spec import QuantizationSupport
 from diffcaps.services import ModuleNames, ModuleTypes
 from diffcaps.weights.spec import WeightMapper
 
@@ -55,10 +56,11 @@ class WanCapabilities(Capabilities):
     context_parallel: ContextParallelPlan = capability(WAN_CONTEXT_PARALLEL)
     cache: CacheSupport = capability(WAN_CACHE)
     attention: AttentionSupport = capability(
-        AttentionSupport(modules=ModuleTypes((WanSelfAttention, WanCrossAttention)))
+        AttentionSupport(modules=ModuleTypes((WanSelfAttention, WanCrossAttention)), qkv_fusion=WAN_QKV_FUSION)
     )
     weight_mapping: WeightMapper = capability(WAN_WEIGHTS)
     lora: LoRAService = capability(WAN_LORA)
+    quantization: QuantizationSupport = capability(QuantizationSupport(keep=ModuleNames(("patch_embedding", "condition_embedder", "norm_out", "proj_out"))))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

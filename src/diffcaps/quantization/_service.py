@@ -1,0 +1,45 @@
+"""The quantization service: the schemes a model accepts and the modules it keeps unquantized."""
+
+from __future__ import annotations
+
+from typing import Final, Literal, final, get_args
+
+import attrs
+
+from diffcaps.services import ModuleNames
+
+__all__ = ["SCHEMES", "QuantizationSupport", "Scheme"]
+
+Scheme = Literal["gguf", "scaled_fp8", "torchao"]
+"""``gguf``: GGUF files, packed per tensor type; ``scaled_fp8``: ComfyUI's fp8 weights with a
+per-layer scale; ``torchao``: torchao's weight quantization applied on load or after."""
+
+SCHEMES: Final[tuple[Scheme, ...]] = get_args(Scheme)
+
+
+def _schemes(value: object) -> tuple[Scheme, ...]:
+    items = tuple(value) if isinstance(value, tuple | list) else ()
+    if not items:
+        raise ValueError(f"QuantizationSupport needs a non-empty tuple of scheme names, got {value!r}")
+    unknown = [item for item in items if item not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown quantization schemes {unknown!r}; there are {', '.join(SCHEMES)}")
+    return tuple(item for item in SCHEMES if item in items)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class QuantizationSupport:
+    """Declares the quantization schemes a model accepts and the modules never quantized.
+
+    ``keep`` names modules by one component of their dotted path (as ``keep_in_fp32`` does):
+    their weights stay in the compute dtype whatever the file or config says; only
+    ``nn.Linear`` layers outside them are quantized.
+    """
+
+    keep: ModuleNames
+    schemes: tuple[Scheme, ...] = attrs.field(default=SCHEMES, converter=_schemes)
+
+    def entries(self) -> tuple[str, ...]:
+        """The schemes, then the kept modules."""
+        return (*self.schemes, *(f"keep:{name}" for name in self.keep.entries()))
