@@ -40,9 +40,15 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "backend",
         "disable",
         "enable",
+        "fuse_qkv",
+        "qkv_fused",
+        "unfuse_qkv",
     ],
     "diffcaps.attention.spec": [
         "AttentionSupport",
+        "QKVFusion",
+        "QKVGroup",
+        "project_qkv",
     ],
     "diffcaps.cache": [
         "CacheConfig",

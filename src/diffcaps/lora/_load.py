@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcaps import checks
+from diffcaps import attention, checks
 from diffcaps.errors import FormatError, LoRAError, ShapeError
 from diffcaps.io import SafetensorsReader
 from diffcaps.lora import _peft
@@ -26,7 +26,7 @@ from diffcaps.lora._adapters import LoRAWeights, TargetWeights
 from diffcaps.lora._formats import ConvertedAdapter, LoRAFormat, LoRAService
 from diffcaps.lora._hotswap import hotswap_adapter
 from diffcaps.lora._state import SLOT, AdapterRecord, LoadReport, LoRAState, Patch, Widening, snapshot
-from diffcaps.protocols import SupportsLoRA, require
+from diffcaps.protocols import SupportsLoRA, require, supports_attention
 
 __all__ = ["Source", "load_adapter"]
 
@@ -238,6 +238,9 @@ def load_adapter(
                         "delete it first, or load with hotswap=True")
     if state is not None and state.fused:
         raise LoRAError("the model has fused adapters; unfuse it before loading another adapter")
+    if supports_attention(module) and attention.qkv_fused(module):
+        raise LoRAError("the model's QKV projections are fused (diffcaps.attention.fuse_qkv); call "
+                        "diffcaps.attention.unfuse_qkv(model) before loading a LoRA")
     if isinstance(source, Mapping):
         label = "<state dict>"
         tensors = _state_dict(cast(Mapping[object, object], source), label)

@@ -7,9 +7,11 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
+from diffcaps.attention.spec import QKVFusion, QKVGroup, project_qkv
 from diffcaps.layers import RMSNorm, apply_rope, module_attention
+from diffcaps.services import ModuleTypes
 
-__all__ = ["KERNEL", "PROCESSOR", "FluxAttention"]
+__all__ = ["FLUX_QKV_FUSION", "KERNEL", "PROCESSOR", "FluxAttention"]
 
 KERNEL: Final = "kernel"
 """The method joint attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
@@ -28,6 +30,10 @@ RoPE) and the attention's keyword arguments, and its result is returned as a thi
 that the double block adds to the image stream after its feed-forward. IP-Adapter uses it;
 the name is the one diffusers' state dicts use for that attention's IP-Adapter weights.
 """
+
+
+IMAGE_QKV: Final = QKVGroup(("to_q", "to_k", "to_v"), fused="to_qkv")
+TEXT_QKV: Final = QKVGroup(("add_q_proj", "add_k_proj", "add_v_proj"), fused="to_added_qkv")
 
 
 class FluxAttention(nn.Module):
@@ -60,12 +66,11 @@ class FluxAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)
 
-    def _qkv(self, x: Tensor, q: nn.Module, k: nn.Module, v: nn.Module,
-             norm_q: nn.Module, norm_k: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        query: Tensor = norm_q(self._heads(q(x)))
-        key: Tensor = norm_k(self._heads(k(x)))
-        value = self._heads(v(x))
-        return query, key, value
+    def _qkv(self, x: Tensor, group: QKVGroup, norm_q: nn.Module, norm_k: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = project_qkv(self, x, group)
+        query: Tensor = norm_q(self._heads(q))
+        key: Tensor = norm_k(self._heads(k))
+        return query, key, self._heads(v)
 
     def forward(
         self,
@@ -77,15 +82,12 @@ class FluxAttention(nn.Module):
         """Attend over ``[text; image]`` tokens; a joint block returns (image, text) outputs,
         plus the attached ``processor``'s output when there is one (see ``PROCESSOR``).
         """
-        query, key, value = self._qkv(hidden_states, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        query, key, value = self._qkv(hidden_states, IMAGE_QKV, self.norm_q, self.norm_k)
         image_query = query
         text_len = 0
         if encoder_hidden_states is not None and self.joint:
             text_len = encoder_hidden_states.shape[1]
-            t_query, t_key, t_value = self._qkv(
-                encoder_hidden_states, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                self.norm_added_q, self.norm_added_k,
-            )
+            t_query, t_key, t_value = self._qkv(encoder_hidden_states, TEXT_QKV, self.norm_added_q, self.norm_added_k)
             query = torch.cat([t_query, query], dim=1)
             key = torch.cat([t_key, key], dim=1)
             value = torch.cat([t_value, value], dim=1)
@@ -103,3 +105,8 @@ class FluxAttention(nn.Module):
             return image, text
         extra: Tensor = processor(image_query, **kwargs)
         return image, text, extra
+
+
+FLUX_QKV_FUSION: Final = QKVFusion(modules=ModuleTypes((FluxAttention,)), groups=(IMAGE_QKV, TEXT_QKV))
+"""Both streams of a double block fuse separately (image ``to_qkv``, text ``to_added_qkv``, as in
+diffusers); a single block has only the image group."""

@@ -10,16 +10,21 @@ from typing import Final
 
 from torch import Tensor, nn
 
+from diffcaps.attention.spec import QKVFusion, QKVGroup, project_qkv
 from diffcaps.errors import InputError
 from diffcaps.layers import RMSNorm, apply_rope, module_attention
+from diffcaps.services import ModuleTypes
 
-__all__ = ["KERNEL", "WanCrossAttention", "WanSelfAttention"]
+__all__ = ["KERNEL", "WAN_QKV_FUSION", "WanCrossAttention", "WanSelfAttention"]
 
 KERNEL: Final = "kernel"
 """The method attention runs through: ``kernel(query, key, value)`` on [batch, seq, heads, head_dim].
 It calls :func:`diffcaps.layers.module_attention` (SDPA, or the attention backend set on the
 instance); a feature may replace it on one instance with an
 instance attribute of this name and delete it to restore."""
+
+
+SELF_QKV: Final = QKVGroup(("to_q", "to_k", "to_v"), fused="to_qkv")
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -50,9 +55,10 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, rotary_emb: tuple[Tensor, Tensor]) -> Tensor:
         """Attend over ``hidden_states`` [batch, seq, dim] with RoPE ``(cos, sin)`` [seq, head_dim]."""
-        query = apply_rope(_heads(self.norm_q(self.to_q(hidden_states)), self.heads), rotary_emb)
-        key = apply_rope(_heads(self.norm_k(self.to_k(hidden_states)), self.heads), rotary_emb)
-        value = _heads(self.to_v(hidden_states), self.heads)
+        q, k, v = project_qkv(self, hidden_states, SELF_QKV)
+        query = apply_rope(_heads(self.norm_q(q), self.heads), rotary_emb)
+        key = apply_rope(_heads(self.norm_k(k), self.heads), rotary_emb)
+        value = _heads(v, self.heads)
         out = self.kernel(query, key, value).flatten(2, 3).type_as(query)
         projected: Tensor = self.to_out[1](self.to_out[0](out))
         return projected
@@ -104,3 +110,8 @@ class WanCrossAttention(nn.Module):
             out = out + image_out
         projected: Tensor = self.to_out[1](self.to_out[0](out))
         return projected
+
+
+WAN_QKV_FUSION: Final = QKVFusion(modules=ModuleTypes((WanSelfAttention,)), groups=(SELF_QKV,))
+"""Self-attention only: cross-attention projects its query from the video tokens and its key
+and value from the text (or image) tokens, so there is no one input to fuse over."""
