@@ -150,6 +150,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "ModelRegistrationError",
         "OffloadError",
         "ParallelError",
+        "QuantizationError",
         "RankFailure",
         "ShapeError",
         "UnknownModelError",

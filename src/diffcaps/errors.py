@@ -28,6 +28,7 @@ __all__ = [
     "ModelRegistrationError",
     "OffloadError",
     "ParallelError",
+    "QuantizationError",
     "RankFailure",
     "ShapeError",
     "UnknownModelError",
@@ -154,6 +155,12 @@ class IPAdapterError(DiffcapsError, ValueError):
 
 class AttentionError(DiffcapsError, RuntimeError):
     """An attention backend that is unknown, not declared, or whose package or device is missing."""
+
+
+class QuantizationError(DiffcapsError, ValueError):
+    """Quantized weights that cannot be decoded or applied as asked: an unsupported packed type
+    (named, with the supported ones), packed bytes of the wrong length for the shape, a config of
+    the wrong kind."""
 
 
 class ParallelError(DiffcapsError, RuntimeError):
