@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,10 @@ def _wan(name: str, dtype: torch.dtype = torch.float32) -> tuple[WanTransformer3
     config = wan_fixtures.CONFIGS[name]
     inputs = dict(wan_fixtures.wan_inputs(config))
     model = wan_fixtures.seeded_model(config).to(dtype)
-    return model, {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                   for k, v in inputs.items()}
+    return model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
-def _run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+def _run(model: Callable[..., Any], inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         out: torch.Tensor = model(**inputs).sample
     return out
@@ -75,7 +74,7 @@ def test_flux_fused_matches_unfused_and_runs_one_matmul_per_stream() -> None:
     expected = _run(model, inputs)
     attention.fuse_qkv(model)
     assert attention.qkv_fused(model)
-    double, single = model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn
+    double, single = model.get_submodule("transformer_blocks.0.attn"), model.get_submodule("single_transformer_blocks.0.attn")
     assert isinstance(double.get_submodule("to_qkv"), nn.Linear) and isinstance(double.get_submodule("to_added_qkv"), nn.Linear)
     assert not any(hasattr(double, name) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
     assert hasattr(single, "to_qkv") and not hasattr(single, "to_added_qkv") and not hasattr(single, "to_q")
@@ -87,9 +86,9 @@ def test_wan_self_attention_fuses_and_cross_attention_does_not(config: str) -> N
     model, inputs = _wan(config)
     expected = _run(model, inputs)
     attention.fuse_qkv(model)
-    block = model.blocks[0]
-    assert hasattr(block.attn1, "to_qkv") and not hasattr(block.attn1, "to_q")
-    assert hasattr(block.attn2, "to_q") and not hasattr(block.attn2, "to_qkv")  # cross-attention stays as it is
+    attn1, attn2 = model.get_submodule("blocks.0.attn1"), model.get_submodule("blocks.0.attn2")
+    assert hasattr(attn1, "to_qkv") and not hasattr(attn1, "to_q")
+    assert hasattr(attn2, "to_q") and not hasattr(attn2, "to_qkv")  # cross-attention stays as it is
     torch.testing.assert_close(_run(model, inputs), expected, atol=1e-6, rtol=0)
 
 
@@ -123,7 +122,10 @@ def test_unfuse_restores_the_parameters_bit_exactly(which: str) -> None:
 def test_fusing_keeps_no_copy_of_the_projections() -> None:
     model, _ = _flux()
     count = sum(p.numel() for p in model.parameters())
-    old = weakref.ref(model.transformer_blocks[0].attn.to_q.weight)
+    projection = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert isinstance(projection, nn.Linear)
+    old = weakref.ref(projection.weight)
+    del projection
     attention.fuse_qkv(model)
     gc.collect()
     assert old() is None  # the separate weight is gone, not kept beside the fused one
@@ -136,9 +138,9 @@ def test_twice_is_a_no_op_either_way() -> None:
     attention.unfuse_qkv(model)  # not fused: nothing happens
     assert not attention.qkv_fused(model) and not _fused_names(model)
     attention.fuse_qkv(model)
-    fused = model.transformer_blocks[0].attn.get_submodule("to_qkv")
+    fused = model.get_submodule("transformer_blocks.0.attn.to_qkv")
     attention.fuse_qkv(model)  # already fused: nothing happens
-    assert model.transformer_blocks[0].attn.get_submodule("to_qkv") is fused
+    assert model.get_submodule("transformer_blocks.0.attn.to_qkv") is fused
     torch.testing.assert_close(_run(model, inputs), expected, atol=1e-6, rtol=0)
     attention.unfuse_qkv(model)
     attention.unfuse_qkv(model)
@@ -260,12 +262,12 @@ def test_a_projection_that_is_not_a_plain_linear_is_refused_before_anything_chan
         pass
 
     model, _ = _flux()
-    last = model.single_transformer_blocks[-1].attn
+    last = model.get_submodule("single_transformer_blocks.1.attn")
     old = last.get_submodule("to_k")
     assert isinstance(old, nn.Linear)
     replacement = Scaled(old.in_features, old.out_features)
     replacement.load_state_dict(old.state_dict())
-    last.to_k = replacement
+    last.register_module("to_k", replacement)
     before = _snapshot(model)
     with pytest.raises(AttentionError, match=r"single_transformer_blocks\.1\.attn\.to_k: it is a .*Scaled, not a plain"):
         attention.fuse_qkv(model)
@@ -275,7 +277,7 @@ def test_a_projection_that_is_not_a_plain_linear_is_refused_before_anything_chan
 
 def test_mixed_requires_grad_is_refused() -> None:
     model, _ = _flux()
-    model.transformer_blocks[1].attn.get_submodule("add_v_proj").requires_grad_(False)
+    model.get_submodule("transformer_blocks.1.attn.add_v_proj").requires_grad_(False)
     with pytest.raises(AttentionError, match=r"transformer_blocks\.1\.attn\.add_q_proj\+.*add_v_proj differs"):
         attention.fuse_qkv(model)
     assert not _fused_names(model)
@@ -283,7 +285,7 @@ def test_mixed_requires_grad_is_refused() -> None:
 
 def test_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="three attribute names"):
-        QKVGroup(("to_q", "to_k"), fused="to_qk")  # type: ignore[arg-type]
+        QKVGroup(("to_q", "to_k"), fused="to_qk")  # type: ignore[arg-type]  # a pair, not a triple
     with pytest.raises(ValueError, match="names one attribute twice"):
         QKVGroup(("to_q", "to_q", "to_v"), fused="to_qkv")
     with pytest.raises(ValueError, match="one attribute name"):
@@ -375,7 +377,7 @@ def test_regional_compile_runs_fused() -> None:
     torch.testing.assert_close(_run(model, inputs), expected, atol=1e-6, rtol=0)
     regional_compile.disable(model)
     whole = torch.compile(model, backend="eager")
-    attention.unfuse_qkv(whole)  # a compiled wrapper stands for its model
+    attention.unfuse_qkv(whole)  # type: ignore[arg-type]  # the wrapper stands for the model inside
     assert not attention.qkv_fused(model)
     torch.testing.assert_close(_run(whole, inputs), expected, atol=1e-6, rtol=0)
 

@@ -8,7 +8,7 @@ A fused attention module holds, for each fused group, one ``nn.Linear`` under th
 
 from __future__ import annotations
 
-from typing import Final, final
+from typing import Final, cast, final
 
 import attrs
 from torch import Tensor, nn
@@ -19,8 +19,9 @@ from diffcaps.slots import InstanceSlot
 __all__ = ["FUSED", "FusedGroups", "QKVFusion", "QKVGroup", "project_qkv"]
 
 
-def _names(value: object) -> tuple[str, str, str]:
-    items = tuple(value) if isinstance(value, tuple | list) else ()
+def _names(value: tuple[str, str, str]) -> tuple[str, str, str]:
+    raw = cast(object, value)  # typed as the triple mypy checks; anything may arrive at run time
+    items = tuple(cast(tuple[object, ...], raw)) if isinstance(raw, tuple | list) else ()
     if len(items) != 3 or not all(isinstance(item, str) and item and "." not in item for item in items):
         raise ValueError(f"QKVGroup.projections takes three attribute names (query, key, value), got {value!r}")
     if len(set(items)) != 3:
