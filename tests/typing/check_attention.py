@@ -7,7 +7,7 @@ from typing import assert_type
 import torch
 
 from diffcaps import attention
-from diffcaps.attention.spec import AttentionSupport
+from diffcaps.attention.spec import AttentionSupport, QKVFusion, QKVGroup
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.models.wan import WanTransformer3DModel
 from diffcaps.protocols import SupportsAttention, supports_attention
@@ -28,6 +28,11 @@ assert_type(attention.disable(flux), None)
 with attention.backend(flux, "flex"):
     pass
 name: attention.BackendName = "sdpa_flash"
+assert_type(attention.fuse_qkv(flux), None)
+assert_type(attention.unfuse_qkv(wan), None)
+assert_type(attention.qkv_fused(flux), bool)
+assert_type(FluxTransformer2DModel.declared_capabilities().attention.qkv_fusion, QKVFusion | None)
+QKVGroup(("to_q", "to_k", "to_v"), fused="to_qkv")
 
 # --- what must fail --------------------------------------------------------------------------
 tiny = TinyDiT(TinyDiTConfig())
@@ -37,6 +42,9 @@ attention.enable(flux, "math")  # type: ignore[arg-type]
 attention.AttentionConfig(backend="cuda")  # type: ignore[arg-type]
 attention.backend(flux, "fast")  # type: ignore[arg-type]
 attention.enable(FluxTransformer2DModel)  # type: ignore[arg-type]
+attention.fuse_qkv(tiny)  # type: ignore[arg-type]
+attention.fuse_qkv(FluxTransformer2DModel)  # type: ignore[arg-type]
+QKVGroup(("to_k", "to_v"), fused="to_kv")  # type: ignore[arg-type]
 
 
 def maybe(model: TinyDiT) -> None:
