@@ -69,7 +69,7 @@ def _flux(double: int, single: int) -> tuple[FluxTransformer2DModel, Any]:
 
 
 def _wan(blocks: int) -> tuple[WanTransformer3DModel, Any]:
-    from diffusers import WanTransformer3DModel as DiffusersWan
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel as DiffusersWan
 
     config = WanConfig(num_layers=blocks, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256)
@@ -125,7 +125,8 @@ def _forward(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], float]
 
 
 def _versus(ours: Callable[[], float], theirs: Callable[[], float], repeats: int) -> tuple[float, float]:
-    ours(), theirs()  # warm-up
+    ours()  # warm-up
+    theirs()
     mine, other = [], []
     for _ in range(repeats):
         mine.append(ours())
