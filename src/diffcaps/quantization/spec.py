@@ -1,11 +1,25 @@
-"""What a model author declares for quantization, and the packed layer quantized loaders build.
+"""What a model author declares for quantization, and the pieces quantized loaders build from.
 
 ``quantization: QuantizationSupport = capability(QuantizationSupport(keep=ModuleNames((...))))``
 declares the schemes a model accepts (all of them by default) and the modules never quantized.
 A loader that keeps weights packed replaces each quantized ``nn.Linear`` with a
-:class:`PackedLinear` carrying a :class:`WeightCodec`.
+:class:`PackedLinear` carrying a :class:`WeightCodec`. GGUF files are read with
+:func:`read_gguf` (a :class:`GGUFFile`: tensor table, memory-mapped bytes) and a model built
+on the meta device is filled from one with :func:`fill_from_gguf` (``weights.load_single_file``,
+``inspect`` and ``convert`` do this for every model with a weight mapping).
 """
 
+from diffcaps.quantization._gguf_file import (
+    GGUFFile as GGUFFile,
+    GGUFTensorInfo as GGUFTensorInfo,
+    is_gguf as is_gguf,
+    read_gguf as read_gguf,
+)
+from diffcaps.quantization._gguf_load import (
+    check_gguf_types as check_gguf_types,
+    fill_from_gguf as fill_from_gguf,
+    row_wise as row_wise,
+)
 from diffcaps.quantization._packed import (
     PackedLinear as PackedLinear,
     WeightCodec as WeightCodec,
@@ -13,4 +27,16 @@ from diffcaps.quantization._packed import (
 )
 from diffcaps.quantization._service import QuantizationSupport as QuantizationSupport
 
-__all__ = ["PackedLinear", "QuantizationSupport", "WeightCodec", "packed_linears"]
+__all__ = [
+    "GGUFFile",
+    "GGUFTensorInfo",
+    "PackedLinear",
+    "QuantizationSupport",
+    "WeightCodec",
+    "check_gguf_types",
+    "fill_from_gguf",
+    "is_gguf",
+    "packed_linears",
+    "read_gguf",
+    "row_wise",
+]

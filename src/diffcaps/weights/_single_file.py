@@ -230,6 +230,8 @@ def load_single_file(
     has no place for are an error unless ``strict=False``, which loads without them and
     warns with an :class:`UnexpectedTensorsWarning`.
     """
+    if _is_gguf(path):
+        return _load_gguf(cls, path, variant=variant, torch_dtype=torch_dtype, device=device, strict=strict)
     model_class, mapper = class_mapper(cls)
     where = str(path)
     header = read_header(path)
@@ -242,6 +244,46 @@ def load_single_file(
                    keep_fp32=model.kept_in_fp32())
     if unexpected:
         warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=2)
+    return cast(M, model.eval())  # model_class is cls, narrowed at run time
+
+
+def _is_gguf(path: str | os.PathLike[str]) -> bool:
+    from diffcaps.quantization.spec import is_gguf
+
+    return is_gguf(path)
+
+
+def _load_gguf(
+    cls: type[M],
+    path: str | os.PathLike[str],
+    *,
+    variant: str | None,
+    torch_dtype: torch.dtype | None,
+    device: str | torch.device,
+    strict: bool,
+) -> M:
+    """:func:`load_single_file` for a GGUF file: identified and checked the same way, but its
+    block-quantized linear weights stay packed (see :mod:`diffcaps.quantization`)."""
+    from diffcaps.quantization.spec import check_gguf_types, fill_from_gguf, read_gguf
+
+    model_class, mapper = class_mapper(cls)
+    where = str(path)
+    file = read_gguf(path)
+    specs = file.specs()
+    found = mapper.identify(specs, variant=variant, path=where)
+    model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})",
+                          tensors=found.plan.target_specs(specs, path=where))
+    expected = expected_tensors(model)
+    unexpected = check_identified(mapper, found, specs, expected, path=where, strict=strict)
+    used = [step for step in found.plan.steps if any(t in expected for t in step.targets)]
+    check_gguf_types(file, [source for step in used for source in step.sources])
+    decoded = fill_from_gguf(model, used, file, model_class.declared_capabilities().quantization,
+                             torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
+    if decoded:
+        warnings.warn(f"{where}: {len(decoded)} quantized weight(s) decoded on load, their mapping cannot run "
+                      f"on packed rows: {', '.join(decoded[:12])}", stacklevel=3)
+    if unexpected:
+        warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=3)
     return cast(M, model.eval())  # model_class is cls, narrowed at run time
 
 
