@@ -400,10 +400,17 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "active",
     ],
     "diffcaps.quantization.spec": [
+        "GGUFFile",
+        "GGUFTensorInfo",
         "PackedLinear",
         "QuantizationSupport",
         "WeightCodec",
+        "check_gguf_types",
+        "fill_from_gguf",
+        "is_gguf",
         "packed_linears",
+        "read_gguf",
+        "row_wise",
     ],
     "diffcaps.services": [
         "ModuleNames",
