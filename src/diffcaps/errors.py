@@ -24,7 +24,9 @@ __all__ = [
     "HookError",
     "IPAdapterError",
     "InputError",
+    "InteropError",
     "LoRAError",
+    "MissingDependencyError",
     "ModelRegistrationError",
     "OffloadError",
     "ParallelError",
@@ -180,3 +182,10 @@ class RankFailure(ParallelError):
         self.failed = dict(failed or {})
         super().__init__(message)
 
+
+class InteropError(DiffcapsError, ValueError):
+    """Another library handed diffcaps something it cannot take (a bridge in :mod:`diffcaps.interop`)."""
+
+
+class MissingDependencyError(DiffcapsError, ImportError):
+    """An optional dependency is not installed; the message says what to ``pip install``."""

@@ -1,0 +1,30 @@
+"""Run diffcaps models in diffusers pipelines (``pip install "diffcaps[diffusers]"``).
+
+``wrap(model)`` is what a pipeline takes as its transformer —
+``FluxPipeline.from_pretrained(folder, transformer=wrap(model))`` — a view sharing the
+model's parameters; ``unwrap(pipe.transformer)`` gives the diffcaps model back, for
+diffcaps' feature functions. The pipeline's cache contexts reach :mod:`diffcaps.cache`, and
+``pipe.save_pretrained`` writes a folder that diffusers alone reloads.
+
+Importing this module imports diffusers; ``import diffcaps`` does not.
+"""
+
+import importlib
+
+try:
+    importlib.import_module("diffusers")
+except ImportError as missing:
+    from diffcaps.errors import MissingDependencyError
+
+    raise MissingDependencyError(
+        'diffcaps.interop.diffusers needs diffusers and transformers: pip install "diffcaps[diffusers]"'
+    ) from missing
+
+from diffcaps.interop.diffusers._lora import load_lora_weights as load_lora_weights
+from diffcaps.interop.diffusers._view import (
+    DiffusersView as DiffusersView,
+    unwrap as unwrap,
+    wrap as wrap,
+)
+
+__all__ = ["DiffusersView", "load_lora_weights", "unwrap", "wrap"]

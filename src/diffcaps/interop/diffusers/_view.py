@@ -1,0 +1,167 @@
+"""``DiffusersView``: a diffcaps model as the transformer a diffusers pipeline expects.
+
+A pipeline reads more from its transformer than ``forward``: ``device`` and ``dtype``, the
+config by attribute (``transformer.config.in_channels``), ``cache_context(name)`` around each
+denoising pass, ``_reset_stateful_cache()`` after a call, a ``save_pretrained`` that its own
+``save_pretrained`` finds through diffusers' ``ModelMixin``. The view is that surface and
+nothing else: it holds the model as its only child module (so it shares the model's
+parameters and moves and casts with it) and forwards every call to diffcaps' functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, FrozenDict
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from diffcaps import cache, checks
+from diffcaps.errors import InteropError
+from diffcaps.model import DEFAULT_MAX_SHARD_SIZE, Model
+from diffcaps.protocols import supports_cache
+
+__all__ = ["DiffusersView", "unwrap", "wrap"]
+
+_ATTENTION_KWARGS = ("joint_attention_kwargs", "attention_kwargs")
+"""The forward arguments in which diffusers' pipelines pass per-call attention options
+(Flux's name, then Wan's)."""
+
+
+def _lora_scale(model: Model, scale: float) -> AbstractContextManager[None]:
+    """The context in which ``model`` runs its LoRA layers at ``scale`` (``{"scale": s}`` of a pipeline).
+
+    A scale of 1.0 changes nothing. Any other is a LoRA feature: ``_lora.py`` serves it.
+    """
+    if scale == 1.0:
+        return nullcontext()
+    raise InteropError(f"attention kwargs {{'scale': {scale}}}: a LoRA scale per call is not supported yet; "
+                       "set adapter weights with diffcaps.lora.set_adapters")
+
+
+class DiffusersView(ModelMixin, ConfigMixin):
+    """The object a diffusers pipeline takes as its transformer, over a diffcaps ``model``.
+
+    Build it with :func:`wrap`; :func:`unwrap` gives the model back. Its parameters are the
+    model's own (no copy). ``config`` is the model's config as diffusers' ``FrozenDict``,
+    read afresh each time, so a feature that changes the config (a control LoRA widening
+    ``in_channels``) is seen by the pipeline.
+    """
+
+    config_name = "config.json"
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        self.model = model
+        # diffusers' pipelines name a component's library by ``component.__module__`` when they
+        # write model_index.json. Where diffusers has a class of the model's name, this names
+        # diffusers, whose class loads the folder ``save_pretrained`` writes: the saved pipeline
+        # reloads with a plain diffusers install. (Set on the instance: the class stays diffcaps'.)
+        object.__setattr__(self, "__module__", _library_of(type(model)))
+
+    @property
+    def config(self) -> FrozenDict:
+        """The model's config, as diffusers' attribute-readable ``FrozenDict``."""
+        return FrozenDict(self.model.config.to_dict())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model as diffusers' transformer would: same arguments, ``Transformer2DModelOutput`` or a tuple."""
+        return_dict = kwargs.pop("return_dict", True)
+        scale = 1.0
+        for name in _ATTENTION_KWARGS:
+            options: dict[str, Any] | None = kwargs.get(name)
+            if options and "scale" in options:
+                options = dict(options)
+                scale = float(options.pop("scale"))
+                kwargs[name] = options
+        with _lora_scale(self.model, scale):
+            output: tuple[torch.Tensor, ...] = self.model(*args, return_dict=False, **kwargs)
+        return Transformer2DModelOutput(sample=output[0]) if return_dict else output
+
+    @contextmanager
+    def cache_context(self, name: str, **where: Any) -> Generator[None]:
+        """Run inside denoising pass ``name``: diffcaps' ``cache.context`` (the step's ``timestep`` if given)."""
+        if not supports_cache(self.model):
+            yield
+            return
+        timestep: float | torch.Tensor | None = where.get("timestep")
+        with cache.context(self.model, name, timestep=timestep):
+            yield
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Forget the cache's state (diffusers calls this after every pipeline call)."""
+        if supports_cache(self.model):
+            cache.reset(self.model)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], is_main_process: bool = True,
+                        save_function: Callable[..., object] | None = None, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                        push_to_hub: bool = False, use_flashpack: bool = False, **kwargs: Any) -> None:
+        """Write the model's diffusers folder (``Model.save_pretrained``): what a pipeline's save calls.
+
+        Options diffcaps does not write (pickle, variants, a custom save function, pushing to
+        the hub) are an :class:`~diffcaps.errors.InteropError`, before anything is written.
+        """
+        refused = {"safe_serialization=False": not safe_serialization, f"variant={variant!r}": variant is not None,
+                   "save_function": save_function is not None, "push_to_hub=True": push_to_hub,
+                   "use_flashpack=True": use_flashpack,
+                   **{f"{key}=": True for key in kwargs}}
+        named = [option for option, given in refused.items() if given]
+        if named:
+            raise InteropError(f"save_pretrained({os.fspath(save_directory)!r}): diffcaps writes safetensors "
+                               f"only, without {', '.join(named)}")
+        if is_main_process:
+            self.model.save_pretrained(save_directory, max_shard_size=max_shard_size)
+
+    def extra_repr(self) -> str:
+        return f"a diffusers view of {type(self.model).__name__}"
+
+
+_VIEW_CLASSES: dict[type[Model], type[DiffusersView]] = {}
+
+
+def _view_class(model_class: type[Model]) -> type[DiffusersView]:
+    """The view class for ``model_class``, named like it: pipelines write that name to model_index.json."""
+    known = _VIEW_CLASSES.get(model_class)
+    if known is None:
+
+        class View(DiffusersView):
+            pass
+
+        View.__name__ = View.__qualname__ = model_class.__name__
+        known = _VIEW_CLASSES[model_class] = View
+    return known
+
+
+def _library_of(model_class: type[Model]) -> str:
+    import diffusers
+
+    name = model_class.__name__
+    counterpart = getattr(diffusers, name, None)
+    if isinstance(counterpart, type) and issubclass(counterpart, ModelMixin):
+        return "diffusers"
+    return DiffusersView.__module__
+
+
+def wrap(model: Model | DiffusersView) -> DiffusersView:
+    """The object to hand a diffusers pipeline as its transformer: a view sharing ``model``'s parameters.
+
+    ``FluxPipeline.from_pretrained(folder, transformer=wrap(model))`` or
+    ``pipe.transformer = wrap(model)``. A view is returned as it is.
+    """
+    if isinstance(model, DiffusersView):
+        return model
+    given = checks.instance(model, Model, "wrap's model", InteropError)
+    return _view_class(type(given))(given)
+
+
+def unwrap(view: object) -> Model:
+    """The diffcaps model inside a view made by :func:`wrap` (e.g. ``unwrap(pipe.transformer)``)."""
+    if not isinstance(view, DiffusersView):
+        raise InteropError(f"unwrap takes a view made by diffcaps.interop.diffusers.wrap, got "
+                           f"{type(view).__module__}.{type(view).__qualname__}")
+    return view.model
