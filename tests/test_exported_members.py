@@ -395,9 +395,12 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "unwrap_compiled",
     ],
     "diffcaps.quantization": [
+        "QuantizationReport",
         "SCHEMES",
         "Scheme",
         "active",
+        "disable",
+        "enable",
     ],
     "diffcaps.quantization.spec": [
         "GGUFFile",

@@ -50,14 +50,15 @@ def test_active_counts_packed_layers_by_type() -> None:
     model = FluxTransformer2DModel.from_config(FluxConfig(
         num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
         pooled_projection_dim=8, in_channels=4, axes_dims_rope=(2, 2, 4)))
-    assert quantization.active(model) == {}
+    assert quantization.active(model) is None
     target = model.get_submodule("transformer_blocks.0.ff.net.2")
     assert isinstance(target, torch.nn.Linear)
     weight = target.weight.detach().to(torch.float16)
     packed = PackedLinear(weight.view(torch.uint8).flatten(), weight.shape, _Float16Bytes(), bias=target.bias,
                           compute_dtype=torch.float32)
     model.set_submodule("transformer_blocks.0.ff.net.2", packed)
-    assert quantization.active(model) == {"F16_BYTES": 1}
+    report = quantization.active(model)
+    assert report is not None and report.packed == {"F16_BYTES": 1} and report.torchao is None
     assert [name for name, _ in packed_linears(model)] == ["transformer_blocks.0.ff.net.2"]
 
 

@@ -1,0 +1,2 @@
+# The names diffcaps uses from torchao (which ships no py.typed); checked with mypy.stubtest.
+__version__: str

@@ -1,0 +1,3 @@
+import abc
+
+class AOBaseConfig(abc.ABC): ...

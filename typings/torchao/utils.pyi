@@ -1,0 +1,3 @@
+import torch
+
+class TorchAOBaseTensor(torch.Tensor): ...
