@@ -57,7 +57,10 @@ class GGUFType:
         return torch.Size((*dims[:-1], self.row_bytes(dims[-1])))
 
     def decode(self, packed: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        """The tensor of ``shape`` in ``dtype`` decoded from this type's bytes ``packed`` (uint8, any shape)."""
+        """The tensor of ``shape`` in ``dtype`` decoded from this type's bytes ``packed`` (uint8, any shape).
+
+        A float type asked for in its own dtype comes back as a view of ``packed``, not a copy.
+        """
         expected = self.packed_shape(shape).numel()
         if packed.dtype != torch.uint8 or packed.numel() != expected:
             raise QuantizationError(
@@ -109,17 +112,17 @@ def _bf16(blocks: Tensor) -> Tensor:
 
 
 def _q8_0(blocks: Tensor) -> Tensor:
-    return blocks[:, 2:].view(torch.int8).float() * _half(blocks, 0)
+    return blocks[:, 2:].view(torch.int8).float().mul_(_half(blocks, 0))
 
 
 def _q4_0(blocks: Tensor) -> Tensor:
     q = _nibbles(blocks[:, 2:]).reshape(-1, 32)
-    return _half(blocks, 0) * (q.float() - 8.0)
+    return q.float().sub_(8.0).mul_(_half(blocks, 0))
 
 
 def _q4_1(blocks: Tensor) -> Tensor:
     q = _nibbles(blocks[:, 4:]).reshape(-1, 32)
-    return _half(blocks, 0) * q.float() + _half(blocks, 2)
+    return q.float().mul_(_half(blocks, 0)).add_(_half(blocks, 2))
 
 
 def _five_bits(low: Tensor, high: Tensor) -> Tensor:
@@ -128,12 +131,12 @@ def _five_bits(low: Tensor, high: Tensor) -> Tensor:
 
 def _q5_0(blocks: Tensor) -> Tensor:
     q = _five_bits(blocks[:, 6:], blocks[:, 2:6])
-    return _half(blocks, 0) * (q.float() - 16.0)
+    return q.float().sub_(16.0).mul_(_half(blocks, 0))
 
 
 def _q5_1(blocks: Tensor) -> Tensor:
     q = _five_bits(blocks[:, 8:], blocks[:, 4:8])
-    return _half(blocks, 0) * q.float() + _half(blocks, 2)
+    return q.float().mul_(_half(blocks, 0)).add_(_half(blocks, 2))
 
 
 def _q2_k(blocks: Tensor) -> Tensor:
@@ -141,7 +144,7 @@ def _q2_k(blocks: Tensor) -> Tensor:
     scale = (_half(blocks, 80) * (scales & 0x0F).float()).unsqueeze(-1)
     offset = (_half(blocks, 82) * (scales >> 4).float()).unsqueeze(-1)
     q = ((qs.reshape(-1, 2, 1, 32) >> _shifts(blocks, 2, 1, 1, 4, 1)) & 3).reshape(-1, 16, 16)
-    return (scale * q.float() - offset).reshape(-1, _QK_K)
+    return q.float().mul_(scale).sub_(offset).reshape(-1, _QK_K)
 
 
 def _q3_k(blocks: Tensor) -> Tensor:
@@ -153,7 +156,7 @@ def _q3_k(blocks: Tensor) -> Tensor:
     q = ((qs.reshape(-1, 2, 1, 32) >> _shifts(blocks, 2, 1, 1, 4, 1)) & 3).reshape(-1, 16, 16)
     # a clear mask bit subtracts 4, a set one nothing
     h = ((hmask.reshape(-1, 1, 1, 32) >> _shifts(blocks, 1, 1, 1, 8, 1)) & 1).reshape(-1, 16, 16)
-    return (scale * (q.float() - ((h ^ 1) << 2).float())).reshape(-1, _QK_K)
+    return (q.to(torch.int8) - ((h ^ 1) << 2).to(torch.int8)).float().mul_(scale).reshape(-1, _QK_K)
 
 
 def _k_scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,22 +173,21 @@ def _k_scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
 def _q4_k(blocks: Tensor) -> Tensor:
     scale, offset = _k_scales(blocks)
     q = _nibbles(blocks[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
-    return (scale * q.float() - offset).reshape(-1, _QK_K)
+    return q.float().mul_(scale).sub_(offset).reshape(-1, _QK_K)
 
 
 def _q5_k(blocks: Tensor) -> Tensor:
     scale, offset = _k_scales(blocks)
     low = _nibbles(blocks[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
     high = ((blocks[:, 16:48].reshape(-1, 1, 32) >> _shifts(blocks, 1, 1, 8, 1)) & 1)
-    return (scale * (low | (high << 4)).float() - offset).reshape(-1, _QK_K)
+    return (low | (high << 4)).float().mul_(scale).sub_(offset).reshape(-1, _QK_K)
 
 
 def _q6_k(blocks: Tensor) -> Tensor:
     low = _nibbles(blocks[:, :128].reshape(-1, 2, 64)).reshape(-1, 8, 32)
     high = ((blocks[:, 128:192].reshape(-1, 2, 1, 32) >> _shifts(blocks, 2, 1, 1, 4, 1)) & 3).reshape(-1, 8, 32)
-    q = ((low | (high << 4)).float() - 32.0).reshape(-1, 16, 16)
     scale = (_half(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()).unsqueeze(-1)
-    return (scale * q).reshape(-1, _QK_K)
+    return (low | (high << 4)).float().sub_(32.0).reshape(-1, 16, 16).mul_(scale).reshape(-1, _QK_K)
 
 
 GGUF_TYPES: Final[Mapping[str, GGUFType]] = MappingProxyType({
