@@ -143,6 +143,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "ContextError",
         "DiffcapsError",
         "FormatError",
+        "GenerateError",
         "HookError",
         "IPAdapterError",
         "InputError",
