@@ -22,6 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from diffcaps import cache, checks
 from diffcaps.errors import InteropError
+from diffcaps.interop.diffusers import _lora
 from diffcaps.model import DEFAULT_MAX_SHARD_SIZE, Model
 from diffcaps.protocols import supports_cache
 
@@ -35,12 +36,11 @@ _ATTENTION_KWARGS = ("joint_attention_kwargs", "attention_kwargs")
 def _lora_scale(model: Model, scale: float) -> AbstractContextManager[None]:
     """The context in which ``model`` runs its LoRA layers at ``scale`` (``{"scale": s}`` of a pipeline).
 
-    A scale of 1.0 changes nothing. Any other is a LoRA feature: ``_lora.py`` serves it.
+    A scale of 1.0 changes nothing. Any other multiplies the active adapters' scales for the call.
     """
     if scale == 1.0:
         return nullcontext()
-    raise InteropError(f"attention kwargs {{'scale': {scale}}}: a LoRA scale per call is not supported yet; "
-                       "set adapter weights with diffcaps.lora.set_adapters")
+    return _lora.scaled(model, scale)
 
 
 class DiffusersView(ModelMixin, ConfigMixin):
@@ -116,6 +116,48 @@ class DiffusersView(ModelMixin, ConfigMixin):
                                f"only, without {', '.join(named)}")
         if is_main_process:
             self.model.save_pretrained(save_directory, max_shard_size=max_shard_size)
+
+    # The LoRA calls a pipeline makes on its transformer, served by diffcaps.lora (see _lora.py).
+    def load_lora_adapter(self, state_dict: dict[str, torch.Tensor], network_alphas: dict[str, torch.Tensor] | None = None,
+                          adapter_name: str | None = None, metadata: dict[str, Any] | None = None,
+                          _pipeline: object = None, hotswap: bool = False, **_: Any) -> None:
+        """What ``pipe.load_lora_weights`` calls: the adapter is loaded into the diffcaps model."""
+        _lora.load_from_pipeline(self.model, state_dict, network_alphas=network_alphas, metadata=metadata,
+                                 adapter_name=adapter_name, hotswap=hotswap, pipeline=_pipeline)
+
+    def set_adapters(self, adapter_names: str | list[str], weights: Any = None) -> None:
+        """``diffcaps.lora.set_adapters`` (what ``pipe.set_adapters`` calls)."""
+        _lora.set_adapters(self.model, adapter_names, weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
+        """``diffcaps.lora.fuse`` (what ``pipe.fuse_lora`` calls)."""
+        _lora.fuse(self.model, lora_scale, safe_fusing, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """``diffcaps.lora.unfuse``."""
+        _lora.unfuse(self.model)
+
+    def unload_lora(self) -> None:
+        """``diffcaps.lora.unload`` (what ``pipe.unload_lora_weights`` calls)."""
+        _lora.unload(self.model)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """``diffcaps.lora.delete_adapters`` (what ``pipe.delete_adapters`` calls)."""
+        _lora.delete_adapters(self.model, adapter_names)
+
+    def enable_lora(self) -> None:
+        """``diffcaps.lora.enable`` (what ``pipe.enable_lora`` calls)."""
+        _lora.enable(self.model, True)
+
+    def disable_lora(self) -> None:
+        """``diffcaps.lora.disable`` (what ``pipe.disable_lora`` calls)."""
+        _lora.enable(self.model, False)
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """The loaded adapters' peft configs (what ``pipe.get_list_adapters`` reads); absent with none loaded."""
+        return _lora.peft_config(self.model)
 
     def extra_repr(self) -> str:
         return f"a diffusers view of {type(self.model).__name__}"
