@@ -27,6 +27,7 @@ from diffcaps.io import (
 from diffcaps.metadata import ModelMetadata
 from diffcaps.services import ModuleNames
 from diffcaps.protocols import supports_lora
+from diffcaps.quantization.spec import packed_linears
 
 __all__ = ["CapabilitiesT", "ConfigT", "DEFAULT_MAX_SHARD_SIZE", "Model"]
 
@@ -211,7 +212,8 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
         base weights, since that is what the model computes. Parameters an adapter replaced
         or widened in full (control LoRAs) are written as the model holds them, with the
         config that matches them. So the folder computes what this model computes after
-        ``lora.disable`` (or, when fused, what it computes now).
+        ``lora.disable`` (or, when fused, what it computes now). Quantized weights kept packed
+        (a GGUF file's) are written decoded, in each layer's compute dtype: a dense folder.
         """
         folder = Path(path)
         state = self._state_to_save(folder)
@@ -221,6 +223,8 @@ class Model(torch.nn.Module, Generic[ConfigT, CapabilitiesT]):
     def _state_to_save(self, folder: Path) -> dict[str, torch.Tensor]:
         """The parameters a model of this config has, under its own names: adapter wrappers seen through."""
         state = self.state_dict()
+        for name, layer in packed_linears(self):  # quantized weights kept packed are written decoded
+            state[f"{name}.weight"] = layer.dense_weight()
         if not any(_WRAPPED in key for key in state):
             return state
         with on_meta_device():

@@ -49,25 +49,34 @@ def _random_k_blocks(kind: str, shape: tuple[int, ...], size: float, generator: 
     return blocks.reshape(*outer, inner // 256 * nbytes)
 
 
-def _encode(kind: str, values: np.ndarray, generator: np.random.Generator) -> np.ndarray:
-    if kind in K_QUANTS:
-        size = float(np.abs(values).max()) if values.size else 1.0
-        shape: tuple[int, ...] = tuple(int(d) for d in values.shape)
+_INTEGER: Final = {"I8": np.int8, "I16": np.int16, "I32": np.int32}
+
+
+def _encode(kind: str, tensor: torch.Tensor, generator: np.random.Generator) -> np.ndarray:
+    shape: tuple[int, ...] = tuple(int(d) for d in tensor.shape)
+    if kind in K_QUANTS:  # a meta tensor gets blocks of the usual size for its width
+        size = shape[-1] ** -0.5 if tensor.is_meta else float(tensor.detach().abs().max())
         return _random_k_blocks(kind, shape, max(size, 1e-3), generator)
+    values = tensor.detach().to(torch.float32).numpy()
+    if kind in _INTEGER:
+        return values.astype(_INTEGER[kind])
     return quantize(values, GGMLQuantizationType[kind])
 
 
 def write_gguf(path: Path, tensors: Mapping[str, torch.Tensor], types: TypeRule | Mapping[str, str], *,
                architecture: str, seed: int = 0) -> Path:
-    """Write ``tensors`` as a GGUF file, each in the type ``types`` gives it (K-quants: random blocks)."""
+    """Write ``tensors`` as a GGUF file, each in the type ``types`` gives it.
+
+    K-quants are written as random blocks of about the tensor's size (any tensor written in
+    one may be on the meta device); I8/I16/I32 write the values cast, for unsupported-type tests.
+    """
     generator = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), arch=architecture)
     for name, tensor in tensors.items():
         shape = tuple(tensor.shape)
         kind = types(name, shape) if callable(types) else types[name]
-        values = tensor.detach().to(torch.float32).numpy()
-        encoded = _encode(kind, values, generator)
-        raw = None if kind in ("F32", "F16") else GGMLQuantizationType[kind]
+        encoded = _encode(kind, tensor, generator)
+        raw = None if kind in ("F32", "F16", *_INTEGER) else GGMLQuantizationType[kind]
         writer.add_tensor(name, encoded, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

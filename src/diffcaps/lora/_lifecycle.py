@@ -24,6 +24,7 @@ from diffcaps.io import save_safetensors
 from diffcaps.lora import _peft
 from diffcaps.lora._state import SLOT, LoRAState, Widening, check_prefixes, weight_for
 from diffcaps.protocols import SupportsLoRA, require
+from diffcaps.quantization.spec import PackedLinear
 
 __all__ = [
     "AdapterWeight",
@@ -203,11 +204,24 @@ def fuse(model: SupportsLoRA, adapter_names: Sequence[str] | None = None, scale:
     if twice:
         raise LoRAError(f"adapters {twice} are already fused")
     paths = sorted({path for name in names for path in state.adapters[name].targets})
+    _refuse_packed(module, paths)
     scratch: dict[torch.device, torch.Tensor] = {}
     with torch.no_grad():
         for path in paths:
             _fuse_layer(module, state, path, names, scale, scratch)
     state.fused_adapters.extend(names)
+
+
+def _refuse_packed(module: nn.Module, paths: Sequence[str]) -> None:
+    """Fusing needs a dense base weight: refuse (before any change) layers whose weight is packed."""
+    packed = [path for path in paths if isinstance(getattr(_peft.layer_at(module, path), "base_layer", None),
+                                                   PackedLinear)]
+    if packed:
+        raise LoRAError(
+            f"cannot fuse into {len(packed)} quantized layer(s) whose weights stay packed ({', '.join(packed[:5])}"
+            f"{', …' if len(packed) > 5 else ''}): keep the adapter unfused (it runs over the decoded weight "
+            "at every call, in the layer's compute dtype), or load a dense model (weights.convert the file to "
+            "a diffusers folder with a --dtype, then from_pretrained) and fuse there")
 
 
 _BLOCK_ELEMENTS = 1 << 24
