@@ -189,7 +189,7 @@ def _library_of(model_class: type[Model]) -> str:
     return DiffusersView.__module__
 
 
-def wrap(model: Model | DiffusersView) -> DiffusersView:
+def wrap(model: Model[Any, Any] | DiffusersView) -> DiffusersView:
     """The object to hand a diffusers pipeline as its transformer: a view sharing ``model``'s parameters.
 
     ``FluxPipeline.from_pretrained(folder, transformer=wrap(model))`` or
