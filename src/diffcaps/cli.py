@@ -1,4 +1,4 @@
-"""Command line: ``python -m diffcaps describe|demo|inspect|convert``.
+"""Command line: ``python -m diffcaps describe|demo|generate|inspect|convert``.
 
 Every failure prints one line to stderr and exits 1; ``--debug`` shows the traceback instead.
 """
@@ -158,6 +158,40 @@ def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Na
     return 0 if same else 1
 
 
+class _StepLine:
+    """Per-step progress: ``step 3/8  1.26 s`` (time since the command started) redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._start = time.perf_counter()
+
+    def __call__(self, step: int, steps: int) -> None:
+        line = f"step {step}/{steps}  {time.perf_counter() - self._start:.2f} s"
+        if self.tty:
+            filled = round(30 * step / steps)
+            self.stream.write(f"\r{line} [{'#' * filled}{'-' * (30 - filled)}]" + ("\n" if step >= steps else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffcaps.interop.diffusers import generate as run
+
+    options = run.GenerateOptions(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, loras=tuple(args.lora), cache=args.cache,
+        offload=args.offload, casting=args.casting, steps=args.steps, guidance=args.guidance,
+        true_cfg=args.true_cfg, size=args.size, frames=args.frames, seed=args.seed,
+        dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None, fps=args.fps,
+    )
+    report = run.generate(args.folder, options, args.out, progress=_StepLine(sys.stderr))
+    print(report.describe())
+    return 0
+
+
 def _file_recognisers() -> list[Recogniser]:
     """What ``inspect`` tries on a file, in order; the first that matches describes it.
 
@@ -236,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
     demo.set_defaults(run=_demo)
 
+    _add_generate(commands.add_parser(
+        "generate", parents=[common], help="make an image or video with a diffusers pipeline folder and diffcaps",
+        description="Run a diffusers pipeline folder's own pipeline with its transformer loaded by diffcaps "
+                    "and the diffcaps features asked for; print what was done (features, cache skips, time, "
+                    "peak memory). Needs the diffusers extra.",
+    ))
+
     inspect = commands.add_parser("inspect", parents=[common], help="say what a safetensors file is, without loading it")
     inspect.add_argument("file", help="a .safetensors file (a checkpoint, a LoRA, or anything else)")
     inspect.set_defaults(run=_inspect)
@@ -245,6 +286,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a single-file checkpoint to a diffusers folder, or a folder to one file",
     ))
     return parser
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a parser that raises ``GenerateError``: its message becomes the usage error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except DiffcapsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _add_generate(generate: argparse.ArgumentParser) -> None:
+    # The option parsers live beside the generator; diffusers is imported only when they run.
+    def lazy(name: str) -> Callable[[str], Any]:
+        def parse(text: str) -> Any:
+            from diffcaps.interop.diffusers import generate as run
+
+            parser: Callable[[str], Any] = getattr(run, name)
+            return parser(text)
+
+        return _option(parse)
+
+    generate.add_argument("folder", help="a diffusers pipeline folder (model_index.json, transformer/, …)")
+    generate.add_argument("--prompt", required=True, help="the text prompt")
+    generate.add_argument("--negative-prompt", help="a negative prompt (Flux: runs true CFG, see --true-cfg)")
+    generate.add_argument("--true-cfg", type=float, help="true CFG scale with --negative-prompt (default 4.0)")
+    generate.add_argument("--lora", action="append", default=[], type=lazy("lora_option"), metavar="FILE[:WEIGHT]",
+                          help="load a LoRA file with diffcaps.lora at WEIGHT (default 1.0); repeat for more")
+    generate.add_argument("--cache", type=lazy("cache_option"), metavar="NAME[:VALUE]",
+                          help="an inference cache: first_block[:THRESHOLD], pab[:SKIP_RANGE] or "
+                               "taylorseer[:INTERVAL], e.g. first_block:0.1")
+    generate.add_argument("--offload", type=lazy("offload_option"), metavar="block|leaf|disk:PATH",
+                          help="group offloading of the transformer (onto CUDA when there is one)")
+    generate.add_argument("--casting", type=lazy("casting_option"), metavar="fp8",
+                          help="layerwise casting: store the transformer's weights in fp8 (fp8, fp8_e5m2)")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    generate.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    generate.add_argument("--size", type=lazy("size_option"), metavar="WxH",
+                          help="image or video size in pixels, e.g. 512x512 (default: the pipeline's)")
+    generate.add_argument("--frames", type=int, help="number of frames (video pipelines only)")
+    generate.add_argument("--fps", type=int, default=16, help="frames per second of a .gif or .mp4 (default: 16)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
+    generate.add_argument("--dtype", choices=tuple(_DTYPES), help="the dtype every component computes in "
+                                                                  "(default: float32)")
+    generate.add_argument("--out", required=True, help="the output file: .png, .gif, or .mp4 (video pipelines)")
+    generate.set_defaults(run=_generate)
 
 
 def _add_convert(convert: argparse.ArgumentParser) -> None:

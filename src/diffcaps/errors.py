@@ -21,6 +21,7 @@ __all__ = [
     "ContextError",
     "DiffcapsError",
     "FormatError",
+    "GenerateError",
     "HookError",
     "IPAdapterError",
     "InputError",
@@ -149,6 +150,10 @@ class CompileError(DiffcapsError, ValueError):
 
 class OffloadError(DiffcapsError, ValueError):
     """Group offloading cannot be enabled or disabled as asked."""
+
+
+class GenerateError(DiffcapsError, ValueError):
+    """``diffcaps generate`` cannot run as asked: a missing pipeline folder, a bad option, an unwritable output."""
 
 
 class IPAdapterError(DiffcapsError, ValueError):
