@@ -238,7 +238,7 @@ def load_adapter(
                         "delete it first, or load with hotswap=True")
     if state is not None and state.fused:
         raise LoRAError("the model has fused adapters; unfuse it before loading another adapter")
-    if supports_attention(module) and attention.qkv_fused(module):
+    if supports_attention(model) and attention.qkv_fused(model):
         raise LoRAError("the model's QKV projections are fused (diffcaps.attention.fuse_qkv); call "
                         "diffcaps.attention.unfuse_qkv(model) before loading a LoRA")
     if isinstance(source, Mapping):
