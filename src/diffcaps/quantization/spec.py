@@ -6,7 +6,10 @@ A loader that keeps weights packed replaces each quantized ``nn.Linear`` with a
 :class:`PackedLinear` carrying a :class:`WeightCodec`. GGUF files are read with
 :func:`read_gguf` (a :class:`GGUFFile`: tensor table, memory-mapped bytes) and a model built
 on the meta device is filled from one with :func:`fill_from_gguf` (``weights.load_single_file``,
-``inspect`` and ``convert`` do this for every model with a weight mapping).
+``inspect`` and ``convert`` do this for every model with a weight mapping). ComfyUI's
+scaled-fp8 safetensors files are read with :func:`scaled_fp8_keys` and
+:func:`fill_scaled_fp8` (fp8 bytes kept in a :class:`PackedLinear` whose :class:`ScaledFP8`
+codec holds the scale) and written back with :func:`scaled_fp8_export`.
 """
 
 from diffcaps.quantization._gguf_file import (
@@ -25,6 +28,13 @@ from diffcaps.quantization._packed import (
     WeightCodec as WeightCodec,
     packed_linears as packed_linears,
 )
+from diffcaps.quantization._scaled_fp8 import (
+    ScaledFP8 as ScaledFP8,
+    ScaledFP8Keys as ScaledFP8Keys,
+    fill_scaled_fp8 as fill_scaled_fp8,
+    scaled_fp8_export as scaled_fp8_export,
+    scaled_fp8_keys as scaled_fp8_keys,
+)
 from diffcaps.quantization._service import QuantizationSupport as QuantizationSupport
 
 __all__ = [
@@ -32,11 +42,16 @@ __all__ = [
     "GGUFTensorInfo",
     "PackedLinear",
     "QuantizationSupport",
+    "ScaledFP8",
+    "ScaledFP8Keys",
     "WeightCodec",
     "check_gguf_types",
     "fill_from_gguf",
+    "fill_scaled_fp8",
     "is_gguf",
     "packed_linears",
     "read_gguf",
     "row_wise",
+    "scaled_fp8_export",
+    "scaled_fp8_keys",
 ]

@@ -39,6 +39,7 @@ from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
     from diffcaps.model import Model
+    from diffcaps.quantization.spec import ScaledFP8Keys
 
 __all__ = [
     "UnexpectedTensorsWarning",
@@ -228,23 +229,56 @@ def load_single_file(
     as they land (``None``: the model's default, float32), on ``device``; the modules the
     model declares in ``keep_in_fp32`` land in float32. Tensors the model
     has no place for are an error unless ``strict=False``, which loads without them and
-    warns with an :class:`UnexpectedTensorsWarning`.
+    warns with an :class:`UnexpectedTensorsWarning`. A ComfyUI scaled-fp8 file keeps its fp8
+    linear weights fp8 in memory, computing in ``torch_dtype`` (see :mod:`diffcaps.quantization`).
     """
     if _is_gguf(path):
         return _load_gguf(cls, path, variant=variant, torch_dtype=torch_dtype, device=device, strict=strict)
     model_class, mapper = class_mapper(cls)
     where = str(path)
     header = read_header(path)
-    specs = header_specs(header)
+    scaled = _scaled_fp8_keys(header)
+    specs = {k: v for k, v in header_specs(header).items() if scaled is None or k not in scaled.extra}
     found = mapper.identify(specs, variant=variant, path=where)
     model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})",
                           tensors=found.plan.target_specs(specs, path=where))
     unexpected = check_identified(mapper, found, specs, expected_tensors(model), path=where, strict=strict)
-    fill_from_file(model, found.plan, header, torch_dtype=torch_dtype, device=device,
-                   keep_fp32=model.kept_in_fp32())
+    if scaled is None:
+        fill_from_file(model, found.plan, header, torch_dtype=torch_dtype, device=device,
+                       keep_fp32=model.kept_in_fp32())
+    else:
+        _fill_scaled_fp8(model, found.plan, header, scaled, torch_dtype=torch_dtype, device=device)
     if unexpected:
         warnings.warn(UnexpectedTensorsWarning(where, unexpected), stacklevel=2)
     return cast(M, model.eval())  # model_class is cls, narrowed at run time
+
+
+def _scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
+    from diffcaps.quantization.spec import scaled_fp8_keys
+
+    return scaled_fp8_keys(header)
+
+
+def _fill_scaled_fp8(model: Model[Any], plan: MappingPlan, header: SafetensorsHeader, keys: ScaledFP8Keys, *,
+                     torch_dtype: torch.dtype | None, device: str | torch.device) -> None:
+    """:func:`fill_from_file` for a ComfyUI scaled-fp8 file: the steps that read fp8 weights go
+    through :func:`diffcaps.quantization.spec.fill_scaled_fp8` (kept fp8 where the layer allows)."""
+    from diffcaps.quantization.spec import fill_scaled_fp8
+
+    fp8 = tuple(step for step in plan.steps if any(source in keys.scales for source in step.sources))
+    rest = attrs.evolve(plan, steps=tuple(step for step in plan.steps if step not in fp8))
+    fill_from_file(model, rest, header, torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
+    fill_scaled_fp8(model, fp8, header, keys, model.declared_capabilities().quantization,
+                    torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
+
+
+def _with_scaled_fp8(module: torch.nn.Module, plan: MappingPlan, slots: list[TensorSlot],
+                     tensors: Iterator[tuple[str, Tensor]], *, prefix: str,
+                     where: str) -> tuple[list[TensorSlot], Iterator[tuple[str, Tensor]]]:
+    """The slots and tensors to write, with any scaled-fp8 layers written back in their format."""
+    from diffcaps.quantization.spec import scaled_fp8_export
+
+    return scaled_fp8_export(module, plan.steps, slots, tensors, prefix=prefix, where=where)
 
 
 def _is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -368,8 +402,9 @@ def save_single_file(
 
     ``prefix`` is put before every key (``"model.diffusion_model."`` as some tools expect);
     ``torch_dtype`` casts floating tensors as they are written (``torch.float8_e4m3fn`` for
-    an fp8 file). Tensors are converted and written one at a time; the file appears under
-    its name only once complete.
+    an fp8 file). A model loaded from a ComfyUI scaled-fp8 file is written back in that format
+    (marker, fp8 weights, their scales). Tensors are converted and written one at a time; the
+    file appears under its name only once complete.
     """
     module, mapper = require(model, "weight_mapping")
     state: dict[str, Tensor] = module.state_dict()
@@ -377,4 +412,6 @@ def save_single_file(
     plan = output_plan(mapper, list(state), layout, prefix=prefix, where=where)
     specs = {key: TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for key, t in state.items()}
     plan, slots = aligned(plan, planned_slots(plan, specs, torch_dtype, where=where))
-    return stream_safetensors(path, slots, produce(plan, state.__getitem__, torch_dtype))
+    slots, tensors = _with_scaled_fp8(module, plan, slots, produce(plan, state.__getitem__, torch_dtype),
+                                      prefix=prefix, where=where)
+    return stream_safetensors(path, slots, tensors)
