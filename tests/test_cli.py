@@ -1,4 +1,4 @@
-"""The command line as a user runs it: ``describe``, ``demo``, and how every failure is reported."""
+"""The command line as a user runs it: ``describe``, ``demo``, and how every failure is reported (``generate``: test_generate.py)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 def test_every_argument_has_help() -> None:
     parsers = _parsers(build_parser())
-    assert {p.prog for p in parsers} >= {f"diffcaps {c}" for c in ("describe", "demo", "inspect", "convert")}
+    assert {p.prog for p in parsers} >= {f"diffcaps {c}" for c in ("describe", "demo", "generate", "inspect", "convert")}
     for parser in parsers:
         for action in parser._actions:
             if action.dest != "command":
@@ -142,10 +142,15 @@ def test_a_closed_pipe_ends_quietly() -> None:
     assert err == ""
 
 
-def test_demo_saves_loads_and_reproduces(tmp_path: Path) -> None:
-    result = subprocess.run(
+def test_demo_saves_loads_reproduces_and_draws(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from diffcaps.demo import DEMO_PROMPT
+    from diffcaps.interop.diffusers import tiny_flux_pipeline_folder
+
+    result = subprocess.run(  # from tmp_path: the image goes to the current folder by default
         [sys.executable, "-m", "diffcaps", "demo", "--output", str(tmp_path / "demo")],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True, text=True, check=False, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "reloaded model reproduces the original: yes" in result.stdout
@@ -153,6 +158,30 @@ def test_demo_saves_loads_and_reproduces(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "config.json").is_file()
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "demo")
     assert loaded.config.num_single_layers == 4
+
+    image = tmp_path / "diffcaps-demo.png"
+    assert "pipeline: FluxPipeline with diffcaps FluxTransformer2DModel on cpu" in result.stdout
+    assert f"wrote {image}" in result.stdout
+    assert [line.split()[1] for line in result.stderr.splitlines() if line.startswith("step ")] == [
+        "1/4", "2/4", "3/4", "4/4"]
+    # The same image as `generate` on the tiny pipeline folder with the demo's settings.
+    folder = tiny_flux_pipeline_folder(tmp_path / "pipeline")
+    again = tmp_path / "again.png"
+    assert main(["generate", str(folder), "--prompt", DEMO_PROMPT, "--size", "64x64", "--steps", "4",
+                 "--out", str(again)]) == 0
+    with Image.open(image) as drawn, Image.open(again) as generated:
+        assert drawn.size == (64, 64)
+        assert drawn.tobytes() == generated.tobytes()
+
+
+def test_demo_without_diffusers_says_what_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['diffusers'] = None; from diffcaps.cli import main; "
+            f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo.png')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reloaded model reproduces the original: yes" in result.stdout
+    assert result.stdout.rstrip().endswith('skipped: the pipeline needs diffusers; pip install "diffcaps[diffusers]"')
+    assert not (tmp_path / "demo.png").exists()
 
 
 def test_demo_runs_wan(tmp_path: Path) -> None:

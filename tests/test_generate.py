@@ -14,8 +14,7 @@ from PIL import Image
 from diffcaps import AutoModel, cache, lora
 from diffcaps.cli import main
 from diffcaps.errors import GenerateError
-from diffcaps.interop.diffusers import generate as run, wrap
-from diffcaps.interop.diffusers._tiny import tiny_flux_pipeline_folder
+from diffcaps.interop.diffusers import generate as run, tiny_flux_pipeline_folder, wrap
 from diffcaps.io import save_safetensors
 from diffcaps.protocols import supports_lora
 

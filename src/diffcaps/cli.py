@@ -112,15 +112,33 @@ def _demo(args: argparse.Namespace) -> int:
             work=f"1 × {tokens} video + 8 text tokens",
         )
     if cls is FluxTransformer2DModel:
-        return _run_demo(
+        status = _run_demo(
             FluxTransformer2DModel, DEMO_CONFIG, args,
             what=(f"a seeded Flux transformer ({DEMO_CONFIG.num_layers} double + "
                   f"{DEMO_CONFIG.num_single_layers} single blocks, width {DEMO_CONFIG.inner_dim})"),
             inputs=demo_inputs(DEMO_CONFIG, seed=args.seed), work="1 × 64 image + 8 text tokens",
         )
+        return _pipeline_demo(args) or status
     # Any other model: its default config, saved and loaded; no forward pass (its inputs are its own).
     return _run_demo(cls, cls.config_class(), args, what=f"a seeded {cls.__name__} (its default config)",
                      inputs=None, work="")
+
+
+def _pipeline_demo(args: argparse.Namespace) -> int:
+    """The demo's second half: a tiny seeded FluxPipeline makes an image with a diffcaps transformer."""
+    from diffcaps.demo import DEMO_PROMPT, pipeline_demo
+    from diffcaps.errors import MissingDependencyError
+
+    print()
+    print(f"demo: a tiny seeded FluxPipeline (CLIP, T5, VAE built offline) draws {DEMO_PROMPT!r} "
+          "with a diffcaps transformer")
+    try:
+        report = pipeline_demo(args.out, seed=args.seed, progress=_StepLine(sys.stderr))
+    except MissingDependencyError:
+        print('  skipped: the pipeline needs diffusers; pip install "diffcaps[diffusers]"')
+        return 0
+    print("\n".join("  " + line for line in report.describe().splitlines()))
+    return 0
 
 
 def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Namespace, *, what: str,
@@ -159,7 +177,8 @@ def _run_demo(cls: type[Model[ConfigT, Any]], config: ConfigT, args: argparse.Na
 
 
 class _StepLine:
-    """Per-step progress: ``step 3/8  1.26 s`` (time since the command started) redrawn in place on a terminal, one line per step otherwise."""
+    """Per-step progress: ``step 3/8  1.26 s`` (time since step 0) redrawn in place on a terminal,
+    one line per step otherwise."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -167,6 +186,9 @@ class _StepLine:
         self._start = time.perf_counter()
 
     def __call__(self, step: int, steps: int) -> None:
+        if step == 0:
+            self._start = time.perf_counter()
+            return
         line = f"step {step}/{steps}  {time.perf_counter() - self._start:.2f} s"
         if self.tty:
             filled = round(30 * step / steps)
@@ -263,11 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true", help="print versioned JSON instead of a table")
     describe.set_defaults(run=_describe)
 
-    demo = commands.add_parser("demo", parents=[common], help="build, save, load and run a small seeded model")
+    demo = commands.add_parser("demo", parents=[common],
+                               help="build, save, load and run a small seeded model; flux: make an image with it")
     demo.add_argument("--model", default="flux",
                       help="the demo model (default: flux); " + _MODEL_HELP + " (run with its default config)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs (default: 0)")
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
+    demo.add_argument("--out", default="diffcaps-demo.png",
+                      help="where the flux demo writes its image (default: diffcaps-demo.png in the current folder)")
     demo.set_defaults(run=_demo)
 
     _add_generate(commands.add_parser(

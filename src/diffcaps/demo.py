@@ -1,15 +1,23 @@
-"""The built-in demo models: small Flux and Wan configs and their inputs, no downloads."""
+"""The built-in demo models: small Flux and Wan configs and their inputs, and a tiny pipeline run; no downloads."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import io
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffcaps.models.flux import FluxConfig
 from diffcaps.models.wan import WanConfig
 
-__all__ = ["DEMO_CONFIG", "WAN_DEMO_CONFIG", "demo_inputs", "wan_demo_inputs"]
+if TYPE_CHECKING:
+    from diffcaps.interop.diffusers.generate import GenerateReport
+
+__all__ = ["DEMO_CONFIG", "DEMO_PROMPT", "WAN_DEMO_CONFIG", "demo_inputs", "pipeline_demo", "wan_demo_inputs"]
 
 DEMO_CONFIG = FluxConfig(
     num_layers=2,
@@ -66,3 +74,25 @@ def wan_demo_inputs(config: WanConfig, *, seed: int = 0, frames: int = 3, side: 
         "encoder_hidden_states": torch.randn(1, text_tokens, config.text_dim, generator=generator),
         "timestep": torch.tensor([750.0]),
     }
+
+
+DEMO_PROMPT = "a small red house by the sea"
+"""What the demo pipeline draws (its tiny tokenizer knows these words; its weights are random)."""
+
+
+def pipeline_demo(out: str | Path, *, seed: int = 0, size: int = 64, steps: int = 4,
+                  progress: Callable[[int, int], None] | None = None) -> GenerateReport:
+    """Build the tiny seeded FluxPipeline folder in a temporary folder and make one image with diffcaps.
+
+    The folder's transformer is loaded by diffcaps and handed to diffusers' ``FluxPipeline``
+    through ``diffcaps.interop.diffusers.wrap`` — what ``python -m diffcaps generate`` does
+    with a real folder. Writes ``out`` (``.png`` or ``.gif``). Needs the ``diffusers`` extra.
+    """
+    from diffcaps.interop.diffusers import tiny_flux_pipeline_folder
+    from diffcaps.interop.diffusers.generate import GenerateOptions, generate
+
+    options = GenerateOptions(prompt=DEMO_PROMPT, size=(size, size), steps=steps, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stderr(io.StringIO()):  # the text encoders' saving progress bars
+            folder = tiny_flux_pipeline_folder(Path(tmp) / "tiny-flux-pipeline", seed=seed)
+        return generate(folder, options, Path(out).resolve(), progress=progress)

@@ -184,7 +184,8 @@ def generate(folder: str | os.PathLike[str], options: GenerateOptions, out: str 
              progress: Callable[[int, int], None] | None = None) -> GenerateReport:
     """Run the pipeline folder with its transformer loaded by diffcaps; write ``out`` and report.
 
-    ``progress`` is called with (step, steps) after every denoising step. Bad input raises
+    ``progress`` is called with (0, steps) when denoising starts, then with (step, steps) after
+    every denoising step. Bad input raises
     :class:`~diffcaps.errors.GenerateError` (or the feature's own error) before the image is made,
     and nothing is written then.
     """
@@ -224,6 +225,8 @@ def generate(folder: str | os.PathLike[str], options: GenerateOptions, out: str 
             pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if progress is not None:
+        progress(0, steps)
     start = time.perf_counter()
     with _quiet(), torch.inference_mode():
         result: Any = pipe(**arguments)
@@ -377,8 +380,10 @@ def _call_arguments(pipe: Any, parameters: Any, options: GenerateOptions, steps:
     if "max_sequence_length" in parameters:
         # A folder's text tokenizer may be shorter than the pipeline's default sequence length.
         default = int(parameters["max_sequence_length"].default)
-        lengths = [getattr(getattr(pipe, name, None), "model_max_length", default) for name in ("tokenizer_2",)]
-        arguments["max_sequence_length"] = min([default, *[n for n in lengths if isinstance(n, int)]])
+        # Flux's T5 is its second tokenizer, Wan's UMT5 its only one.
+        tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+        length = getattr(tokenizer, "model_max_length", default)
+        arguments["max_sequence_length"] = min(default, length) if isinstance(length, int) else default
     return arguments
 
 
