@@ -188,9 +188,12 @@ def test_demo_runs_wan(tmp_path: Path) -> None:
     from diffcaps.demo import WAN_DEMO_CONFIG
     from diffcaps.models.wan import WanTransformer3DModel
 
+    from PIL import Image
+    from PIL.GifImagePlugin import GifImageFile
+
     result = subprocess.run(
         [sys.executable, "-m", "diffcaps", "demo", "--model", "wan", "--seed", "3", "--output", str(tmp_path / "wan")],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True, text=True, check=False, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "WanTransformer3DModel capabilities" in result.stdout
@@ -201,6 +204,12 @@ def test_demo_runs_wan(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "wan" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
     loaded = WanTransformer3DModel.from_pretrained(tmp_path / "wan")
     assert loaded.config == WAN_DEMO_CONFIG
+    video = tmp_path / "diffcaps-demo-wan.gif"
+    assert "pipeline: WanPipeline with diffcaps WanTransformer3DModel on cpu" in result.stdout
+    assert f"wrote {video}" in result.stdout
+    with Image.open(video) as gif:
+        assert isinstance(gif, GifImageFile)
+        assert (gif.size, gif.n_frames) == ((32, 32), 5)
 
 
 def _original_files(tmp_path: Path) -> dict[str, Path]:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.GifImagePlugin import GifImageFile
 
 from diffcaps import AutoModel, cache, lora
 from diffcaps.cli import main
 from diffcaps.errors import GenerateError
-from diffcaps.interop.diffusers import generate as run, tiny_flux_pipeline_folder, wrap
+from diffcaps.interop.diffusers import generate as run, tiny_flux_pipeline_folder, tiny_wan_pipeline_folder, wrap
 from diffcaps.io import save_safetensors
 from diffcaps.protocols import supports_lora
 
@@ -138,6 +139,37 @@ def test_fp8_casting_and_gif(folder: Path, tmp_path: Path, capsys: pytest.Captur
     assert "layerwise casting:" in out and "stored as torch.float8_e4m3fn" in out
     with Image.open(tmp_path / "cast.gif") as image:
         assert (image.format, image.size) == ("GIF", (32, 32))
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_wan_pipeline_folder(tmp_path_factory.mktemp("pipeline") / "tiny-wan", text_tokens=_TEXT_TOKENS)
+
+
+def test_video_pipeline_writes_frames(wan_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gif = tmp_path / "video.gif"
+    status, out, err = _generate(wan_folder, gif, capsys, "--frames", "5", "--negative-prompt", "a dog")
+    assert status == 0, err
+    assert "pipeline: WanPipeline with diffcaps WanTransformer3DModel on cpu" in out
+    with Image.open(gif) as image:
+        assert isinstance(image, GifImageFile)
+        assert (image.size, image.n_frames) == ((32, 32), 5)
+        frames = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+    assert any(not np.array_equal(frames[0], frame) for frame in frames[1:])
+
+    # .png is refused for a video; .mp4 is written when a video writer is installed, else named
+    status = main(["generate", str(wan_folder), *_BASE, "--frames", "5", "--out", str(tmp_path / "video.png")])
+    assert status == 1 and "WanPipeline makes videos; write .gif or .mp4" in capsys.readouterr().err
+    mp4 = tmp_path / "video.mp4"
+    status, _, err = _generate(wan_folder, mp4, capsys, "--frames", "5")
+    if run.mp4_writer_installed():
+        assert status == 0 and mp4.stat().st_size > 0
+    else:
+        assert status == 1 and not mp4.exists()
+        assert err.count("\n") == 1 and "pip install imageio imageio-ffmpeg" in err
 
 
 def _bad_lora(tmp_path: Path) -> Path:

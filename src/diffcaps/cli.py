@@ -105,12 +105,13 @@ def _demo(args: argparse.Namespace) -> int:
     if cls is WanTransformer3DModel:
         frames, side = 3, 8
         tokens = frames * (side // WAN_DEMO_CONFIG.patch_size[1]) * (side // WAN_DEMO_CONFIG.patch_size[2])
-        return _run_demo(
+        status = _run_demo(
             WanTransformer3DModel, WAN_DEMO_CONFIG, args,
             what=f"a seeded Wan transformer ({WAN_DEMO_CONFIG.num_layers} blocks, width {WAN_DEMO_CONFIG.inner_dim})",
             inputs=wan_demo_inputs(WAN_DEMO_CONFIG, seed=args.seed, frames=frames, side=side),
             work=f"1 × {tokens} video + 8 text tokens",
         )
+        return _pipeline_demo(args, video=True) or status
     if cls is FluxTransformer2DModel:
         status = _run_demo(
             FluxTransformer2DModel, DEMO_CONFIG, args,
@@ -124,16 +125,17 @@ def _demo(args: argparse.Namespace) -> int:
                      inputs=None, work="")
 
 
-def _pipeline_demo(args: argparse.Namespace) -> int:
-    """The demo's second half: a tiny seeded FluxPipeline makes an image with a diffcaps transformer."""
+def _pipeline_demo(args: argparse.Namespace, *, video: bool = False) -> int:
+    """The demo's second half: a tiny seeded pipeline makes an image (a video) with a diffcaps transformer."""
     from diffcaps.demo import DEMO_PROMPT, pipeline_demo
     from diffcaps.errors import MissingDependencyError
 
     print()
-    print(f"demo: a tiny seeded FluxPipeline (CLIP, T5, VAE built offline) draws {DEMO_PROMPT!r} "
-          "with a diffcaps transformer")
+    what = "WanPipeline (UMT5, Wan VAE" if video else "FluxPipeline (CLIP, T5, VAE"
+    print(f"demo: a tiny seeded {what} built offline) draws {DEMO_PROMPT!r} with a diffcaps transformer")
+    out = args.out or ("diffcaps-demo-wan.gif" if video else "diffcaps-demo.png")
     try:
-        report = pipeline_demo(args.out, seed=args.seed, progress=_StepLine(sys.stderr))
+        report = pipeline_demo(out, video=video, seed=args.seed, progress=_StepLine(sys.stderr))
     except MissingDependencyError:
         print('  skipped: the pipeline needs diffusers; pip install "diffcaps[diffusers]"')
         return 0
@@ -286,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(run=_describe)
 
     demo = commands.add_parser("demo", parents=[common],
-                               help="build, save, load and run a small seeded model; flux: make an image with it")
+                               help="build, save, load and run a small seeded model; flux, wan: generate with it")
     demo.add_argument("--model", default="flux",
                       help="the demo model (default: flux); " + _MODEL_HELP + " (run with its default config)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs (default: 0)")
     demo.add_argument("--output", help="keep the saved folder here instead of a temporary one")
-    demo.add_argument("--out", default="diffcaps-demo.png",
-                      help="where the flux demo writes its image (default: diffcaps-demo.png in the current folder)")
+    demo.add_argument("--out", help="where the flux demo writes its image, the wan demo its video (default: "
+                                     "diffcaps-demo.png or diffcaps-demo-wan.gif in the current folder)")
     demo.set_defaults(run=_demo)
 
     _add_generate(commands.add_parser(

@@ -80,19 +80,27 @@ DEMO_PROMPT = "a small red house by the sea"
 """What the demo pipeline draws (its tiny tokenizer knows these words; its weights are random)."""
 
 
-def pipeline_demo(out: str | Path, *, seed: int = 0, size: int = 64, steps: int = 4,
+def pipeline_demo(out: str | Path, *, video: bool = False, seed: int = 0,
                   progress: Callable[[int, int], None] | None = None) -> GenerateReport:
-    """Build the tiny seeded FluxPipeline folder in a temporary folder and make one image with diffcaps.
+    """Build a tiny seeded pipeline folder in a temporary folder and generate with diffcaps.
 
-    The folder's transformer is loaded by diffcaps and handed to diffusers' ``FluxPipeline``
-    through ``diffcaps.interop.diffusers.wrap`` — what ``python -m diffcaps generate`` does
-    with a real folder. Writes ``out`` (``.png`` or ``.gif``). Needs the ``diffusers`` extra.
+    A ``FluxPipeline`` draws a 64×64 image in 4 steps, or with ``video`` a ``WanPipeline`` makes
+    5 frames of 32×32 in 3 steps. The folder's transformer is loaded by diffcaps and handed to
+    diffusers' pipeline through ``diffcaps.interop.diffusers.wrap`` — what ``python -m diffcaps
+    generate`` does with a real folder. Writes ``out`` (``.png`` or ``.gif``; ``.gif`` or ``.mp4``
+    for the video). Needs the ``diffusers`` extra.
     """
-    from diffcaps.interop.diffusers import tiny_flux_pipeline_folder
+    from diffcaps.interop.diffusers import tiny_flux_pipeline_folder, tiny_wan_pipeline_folder
     from diffcaps.interop.diffusers.generate import GenerateOptions, generate
 
-    options = GenerateOptions(prompt=DEMO_PROMPT, size=(size, size), steps=steps, seed=seed)
+    if video:
+        options = GenerateOptions(prompt=DEMO_PROMPT, size=(32, 32), frames=5, steps=3, seed=seed)
+    else:
+        options = GenerateOptions(prompt=DEMO_PROMPT, size=(64, 64), steps=4, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         with contextlib.redirect_stderr(io.StringIO()):  # the text encoders' saving progress bars
-            folder = tiny_flux_pipeline_folder(Path(tmp) / "tiny-flux-pipeline", seed=seed)
+            if video:
+                folder = tiny_wan_pipeline_folder(Path(tmp) / "tiny-wan-pipeline", seed=seed, text_tokens=32)
+            else:
+                folder = tiny_flux_pipeline_folder(Path(tmp) / "tiny-flux-pipeline", seed=seed)
         return generate(folder, options, Path(out).resolve(), progress=progress)

@@ -21,11 +21,14 @@ except ImportError as missing:
     ) from missing
 
 from diffcaps.interop.diffusers._lora import load_lora_weights as load_lora_weights
-from diffcaps.interop.diffusers._tiny import tiny_flux_pipeline_folder as tiny_flux_pipeline_folder
+from diffcaps.interop.diffusers._tiny import (
+    tiny_flux_pipeline_folder as tiny_flux_pipeline_folder,
+    tiny_wan_pipeline_folder as tiny_wan_pipeline_folder,
+)
 from diffcaps.interop.diffusers._view import (
     DiffusersView as DiffusersView,
     unwrap as unwrap,
     wrap as wrap,
 )
 
-__all__ = ["DiffusersView", "load_lora_weights", "tiny_flux_pipeline_folder", "unwrap", "wrap"]
+__all__ = ["DiffusersView", "load_lora_weights", "tiny_flux_pipeline_folder", "tiny_wan_pipeline_folder", "unwrap", "wrap"]

@@ -43,6 +43,7 @@ __all__ = [
     "casting_option",
     "generate",
     "lora_option",
+    "mp4_writer_installed",
     "offload_option",
     "size_option",
 ]
@@ -275,11 +276,12 @@ def _check_output(target: Path, *, video: bool, pipeline: str) -> None:
         raise GenerateError(f"--out {target}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise GenerateError(f"--out {target}: not writable")
-    if suffix == ".mp4" and not _mp4_writer():
+    if suffix == ".mp4" and not mp4_writer_installed():
         raise GenerateError(f"--out {target}: {_MP4_HINT}")
 
 
-def _mp4_writer() -> bool:
+def mp4_writer_installed() -> bool:
+    """Whether ``.mp4`` can be written: imageio with imageio-ffmpeg, or opencv-python (diffusers' ``export_to_video``)."""
     found = importlib.util.find_spec
     return (found("imageio") is not None and found("imageio_ffmpeg") is not None) or found("cv2") is not None
 
