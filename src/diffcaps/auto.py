@@ -39,16 +39,14 @@ CODE_KEY: Final = "_diffcaps_module"
 
 
 def model_for_file(path: str | os.PathLike[str]) -> type[Model[Any]]:
-    """The one known model class whose checkpoint layout the safetensors file at ``path`` has.
+    """The one known model class whose checkpoint layout the safetensors or GGUF file at ``path`` has.
 
     Uses the recognisers of ``diffcaps inspect``; raises :class:`~diffcaps.errors.CheckpointError`
     naming the file, with each model's reason, when no model or several match.
     """
-    from diffcaps.io import read_header
-    from diffcaps.weights import checkpoint_recogniser
+    from diffcaps.weights import checkpoint_recogniser, inspect_file
 
-    header = read_header(path)
-    verdicts = {cls: checkpoint_recogniser([cls])(header) for cls in model_classes()}
+    verdicts = {cls: inspect_file(path, [checkpoint_recogniser([cls])]).recognitions[0] for cls in model_classes()}
     found = [cls for cls, verdict in verdicts.items() if verdict.matched]
     if len(found) == 1:
         return found[0]

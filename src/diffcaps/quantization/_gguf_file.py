@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from diffcaps.errors import CheckpointError
+from diffcaps.quantization._gguf_types import gguf_codec
 from diffcaps.weights.spec import TensorSpec
 
 __all__ = ["GGUF_MAGIC", "PLAIN_TYPES", "GGUFFile", "GGUFTensorInfo", "is_gguf", "read_gguf"]
@@ -132,6 +133,13 @@ class GGUFFile:
         rows = info.shape[:-1] if len(info.shape) > 1 else (1,)
         row_bytes = info.nbytes // int(np.prod(rows, dtype=np.int64))
         return data.reshape(*rows, row_bytes) if len(info.shape) > 1 else data.reshape(row_bytes)
+
+
+    def dense(self, name: str) -> Tensor:
+        """The tensor as stored (F32/F16/BF16, a view of the file), or decoded into float32."""
+        info = self.tensors[name]
+        raw = self.raw(name)
+        return gguf_codec(info.kind).decode(raw, torch.Size(info.shape), torch.float32) if info.packed else raw
 
 
 def _info(tensor: Any) -> GGUFTensorInfo:

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable
 from typing import Final, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from diffcaps.errors import CheckpointError
 from diffcaps.io import assign_tensor, expected_tensors, landing_dtype
@@ -72,13 +72,6 @@ def _linear_weight(model: nn.Module, key: str, support: QuantizationSupport | No
     return owner if type(model.get_submodule(owner)) is nn.Linear else None
 
 
-def _dense(file: GGUFFile, name: str) -> Tensor:
-    """The tensor as stored (F32/F16/BF16, a view of the file) or decoded into float32."""
-    info = file.tensors[name]
-    raw = file.raw(name)
-    return gguf_codec(info.kind).decode(raw, torch.Size(info.shape), torch.float32) if info.packed else raw
-
-
 def fill_from_gguf(
     model: nn.Module,
     steps: Iterable[PlanStep],
@@ -113,7 +106,7 @@ def fill_from_gguf(
             continue
         if packable:
             decoded.extend(name for name in wanted if owners[name])
-        dense = [_dense(file, s) for s in step.sources]
+        dense = [file.dense(s) for s in step.sources]
         for name, tensor in zip(step.targets, step.transform.forward(dense), strict=True):
             if name not in expected:
                 continue

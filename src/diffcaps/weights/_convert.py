@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import attrs
 import torch
@@ -48,6 +48,9 @@ from diffcaps.weights._single_file import (
     planned_slots,
 )
 from diffcaps.weights._variants import TensorSpec
+
+if TYPE_CHECKING:
+    from diffcaps.quantization.spec import GGUFFile
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -95,6 +98,25 @@ class _Tensors:
         self._stack.close()
 
 
+class _GGUFTensors:
+    """The tensors of a GGUF file, each decoded (float32 where it is block-quantized) as it is asked for."""
+
+    def __init__(self, file: GGUFFile) -> None:
+        self._file = file
+
+    def view(self, key: str) -> Tensor:
+        return self._file.dense(key)
+
+    def release(self, key: str) -> None:
+        del key  # a decoded tensor is dropped once written; the mapped bytes stay in the page cache
+
+    def offset(self, key: str) -> tuple[str, int]:
+        return str(self._file.path), self._file.tensors[key].offset
+
+    def close(self) -> None:
+        """Nothing to close: the mapping goes with the last view."""
+
+
 def _folder_headers(folder: Path) -> dict[str, SafetensorsHeader]:
     source = find_weights(folder)
     return {key: source.headers[path] for key, (path, _) in source.entries.items()}
@@ -119,7 +141,7 @@ def _check_target(target: Path, layout: str, overwrite: bool) -> None:
 def _stream(
     first: MappingPlan,
     second: MappingPlan,
-    tensors: _Tensors,
+    tensors: _Tensors | _GGUFTensors,
     torch_dtype: torch.dtype | None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Run ``first`` (file → model keys) lazily as ``second`` (model → output keys) asks."""
@@ -168,7 +190,8 @@ def convert(
     """Convert a checkpoint between the original single-file layout and a diffusers folder.
 
     ``source`` is a single file (original layout, with or without a prefix, or diffusers
-    layout) or a diffusers model folder. ``to`` defaults to the other layout: a file in the
+    layout; safetensors, or GGUF — dequantized, into float32 unless ``torch_dtype`` says
+    otherwise) or a diffusers model folder. ``to`` defaults to the other layout: a file in the
     original layout becomes a diffusers folder (``config.json`` + weights, sharded above
     ``max_shard_size``), a diffusers folder or file becomes one original-layout file, with
     ``prefix`` before every key. Names and shapes are checked against ``cls`` first.
@@ -180,6 +203,7 @@ def convert(
     """
     model_class, mapper = class_mapper(cls)
     source, target = Path(source), Path(target)
+    gguf: GGUFFile | None = None
     if source.is_dir():
         folder = resolve_model_folder(source)
         config: Mapping[str, Any] = read_config(folder)
@@ -190,11 +214,15 @@ def convert(
         found_prefix, label, variant_name = "", "folder's", _variant_of(mapper, specs)
         source_label = str(folder / CONFIG_NAME)
     else:
-        header = read_header(source)
-        specs = header_specs(header)
+        gguf = _gguf(source)
+        if gguf is None:
+            header = read_header(source)
+            specs = header_specs(header)
+            where = {key: header for key in specs}
+        else:
+            specs, where = _gguf_specs(gguf), {}
         found = mapper.identify(specs, variant=variant, path=str(source))
         config, first = found.config, found.plan
-        where = {key: header for key in specs}
         layout_in, found_prefix, variant_name = found.layout, found.prefix, found.variant.name
         label = f"file's {variant_name}"
         source_label = f"{source} ({variant_name})"
@@ -205,7 +233,11 @@ def convert(
         mapper, first, specs, expected, layout=layout_in, prefix=found_prefix, label=label,
         path=str(source), strict=strict,
     )
-    tensors = _Tensors(where)
+    if gguf is not None:
+        from diffcaps.quantization.spec import check_gguf_types
+
+        check_gguf_types(gguf, [source for step in first.steps for source in step.sources])
+    tensors = _Tensors(where) if gguf is None else _GGUFTensors(gguf)
     ordered = sorted(first.steps, key=lambda step: min(tensors.offset(s) for s in step.sources))
     first = attrs.evolve(first, steps=tuple(s for s in ordered if any(t in expected for t in s.targets)))
     model_specs = {k: v for k, v in first.target_specs(specs, path=str(source)).items() if k in expected}
@@ -229,6 +261,19 @@ def convert(
         warnings.warn(UnexpectedTensorsWarning(str(source), skipped), stacklevel=2)
     return ConversionReport(source=source, target=target, layout=layout_out, variant=variant_name, files=tuple(files),
                             tensors=len(slots), nbytes=sum(slot.nbytes for slot in slots), skipped=tuple(skipped))
+
+
+def _gguf(source: Path) -> GGUFFile | None:
+    """The GGUF file ``source`` is, or ``None`` when it is not one."""
+    from diffcaps.quantization.spec import is_gguf, read_gguf
+
+    return read_gguf(source) if is_gguf(source) else None
+
+
+def _gguf_specs(file: GGUFFile) -> dict[str, TensorSpec]:
+    """A GGUF file's tensors as they convert: block-quantized ones decode into float32."""
+    return {name: TensorSpec(shape=info.shape, dtype=torch.float32 if info.packed else spec.dtype)
+            for (name, info), spec in zip(file.tensors.items(), file.specs().values(), strict=True)}
 
 
 def _variant_of(mapper: WeightMapper, specs: Mapping[str, TensorSpec]) -> str | None:

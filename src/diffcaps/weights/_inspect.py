@@ -1,9 +1,11 @@
-"""What a safetensors file is, from its header alone: ``python -m diffcaps inspect FILE``.
+"""What a safetensors or GGUF file is, from its header alone: ``python -m diffcaps inspect FILE``.
 
 A file is summarised (dtypes, tensor count, size) and handed to a list of *recognisers*,
 each of which says whether the file is its kind of thing — a model checkpoint of some
 variant, or (where a LoRA recogniser is added) an adapter in some format — and describes
-it in rows of (label, value). No tensor is read.
+it in rows of (label, value). No tensor is read. A GGUF file's tensor table is shown to the
+recognisers as a header (logical shapes; uint8 where block-quantized), and the report adds
+its GGUF types per tensor class and the memory it takes loaded packed and dense.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 
 from diffcaps.errors import CapabilityError, CheckpointError, DiffcapsError
-from diffcaps.io import SafetensorsHeader, expected_tensors, read_header
+from diffcaps.io import SafetensorsHeader, TensorInfo, expected_tensors, read_header
 from diffcaps.weights._service import Identification, WeightMapper
 from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
 from diffcaps.weights._variants import TensorSpec
@@ -73,6 +75,8 @@ class FileReport:
     dtypes: tuple[tuple[str, int], ...]
     metadata: Mapping[str, str] = attrs.field(converter=_strings)
     recognitions: tuple[Recognition, ...] = ()
+    quantization: tuple[Row, ...] = ()
+    """For a quantized file: its types per tensor class, and the memory it takes loaded."""
 
     @property
     def kind(self) -> str:
@@ -90,6 +94,7 @@ class FileReport:
         dtypes = ", ".join(f"{name} ({count})" if len(self.dtypes) > 1 else name for name, count in self.dtypes)
         rows += [
             ("dtype", dtypes or "none"),
+            *self.quantization,
             ("tensors", str(self.tensors)),
             ("size", f"{human_bytes(self.file_bytes)} ({_parameters(self.parameters)} parameters)"),
         ]
@@ -117,13 +122,11 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
     Recognisers are tried in order until one matches; those that did not match before it
     keep their reasons, shown when nothing matches.
     """
+    if _is_gguf(path):
+        return _inspect_gguf(path, recognisers)
     header = read_header(path)
     counts = Counter(_dtype_name(info.dtype) for info in header.tensors.values())
-    recognitions: list[Recognition] = []
-    for recognise in recognisers:
-        recognitions.append(recognise(header))
-        if recognitions[-1].matched:
-            break
+    recognitions = _recognise(header, recognisers)
     return FileReport(
         path=Path(path),
         file_bytes=header.path.stat().st_size,
@@ -132,6 +135,76 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
         dtypes=tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
         metadata=header.metadata,
         recognitions=tuple(recognitions),
+    )
+
+
+def _recognise(header: SafetensorsHeader, recognisers: Sequence[Recogniser]) -> list[Recognition]:
+    recognitions: list[Recognition] = []
+    for recognise in recognisers:
+        recognitions.append(recognise(header))
+        if recognitions[-1].matched:
+            break
+    return recognitions
+
+
+def _is_gguf(path: str | os.PathLike[str]) -> bool:
+    from diffcaps.quantization.spec import is_gguf
+
+    return is_gguf(path)
+
+
+# (class, words in an original-layout name that put a tensor in it), tried in order
+_TENSOR_CLASSES: Final = (
+    ("modulation", ("modulation", "_mod.", "adaLN")),
+    ("norms", ("norm", ".scale")),
+    ("attention", ("attn",)),
+    ("MLP", ("mlp", "ffn", "linear1", "linear2")),
+    ("embeddings", ("_in.", "embed", "time_projection")),
+    ("output", ("final_layer", "head.")),
+)
+
+
+def _tensor_class(name: str, ndim: int) -> str:
+    found = next((label for label, words in _TENSOR_CLASSES if any(w in name for w in words)), "other")
+    return "biases" if ndim == 1 and name.endswith(".bias") and found not in ("norms", "modulation") else found
+
+
+def _inspect_gguf(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]) -> FileReport:
+    """A GGUF file described from its header: recognised as a checkpoint would be, with its types per class."""
+    from diffcaps.quantization.spec import read_gguf
+
+    file = read_gguf(path)
+    specs = file.specs()
+    # the recognisers see the tensor table as a header: logical shapes, uint8 where packed
+    header = SafetensorsHeader(
+        path=Path(path),
+        tensors={name: TensorInfo(dtype=specs[name].dtype, shape=info.shape, start=info.offset,
+                                  end=info.offset + info.nbytes) for name, info in file.tensors.items()},
+        metadata={"general.architecture": file.architecture} if file.architecture else {},
+        data_start=0,
+    )
+    kinds = Counter(info.kind for info in file.tensors.values())
+    classes: dict[str, Counter[str]] = {}
+    for name, info in file.tensors.items():
+        classes.setdefault(_tensor_class(name, len(info.shape)), Counter())[info.kind] += 1
+    values = sum(info.numel for info in file.tensors.values())
+    packed = sum(info.nbytes for info in file.tensors.values() if info.packed and len(info.shape) >= 2)
+    unpacked = sum(info.numel for info in file.tensors.values() if not (info.packed and len(info.shape) >= 2))
+    rows: list[Row] = [
+        (f"  {label}", ", ".join(f"{kind} ×{count}" for kind, count in counts.most_common()))
+        for label, counts in sorted(classes.items())
+    ]
+    rows.append(("memory", f"about {human_bytes(packed + 2 * unpacked)} loaded packed (quantized matrices as "
+                           f"stored, the rest in bfloat16); {human_bytes(2 * values)} dense in bfloat16"))
+    return FileReport(
+        path=Path(path),
+        file_bytes=file.size,
+        tensors=len(file.tensors),
+        parameters=values,
+        dtypes=tuple(sorted(kinds.items(), key=lambda item: (-item[1], item[0]))),
+        metadata=dict(header.metadata),
+        recognitions=tuple(_recognise(header, recognisers)),
+        quantization=(("quantized", f"GGUF, {len(kinds)} type(s) by tensor class:"), *rows),
     )
 
 
