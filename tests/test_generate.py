@@ -133,6 +133,16 @@ def test_offload_gives_the_same_image_and_bf16_a_close_one(
     assert 0 < difference.max() and difference.mean() < 8
 
 
+def test_negative_prompt_runs_true_cfg_on_flux(folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    plain, negative, scale_one = tmp_path / "plain.png", tmp_path / "negative.png", tmp_path / "one.png"
+    assert _generate(folder, plain, capsys)[0] == 0
+    assert _generate(folder, negative, capsys, "--negative-prompt", "a blue dog")[0] == 0
+    assert _generate(folder, scale_one, capsys, "--negative-prompt", "a blue dog", "--true-cfg", "1")[0] == 0
+    assert not np.array_equal(_pixels(negative), _pixels(plain))  # true CFG at the default scale 4
+    assert np.array_equal(_pixels(scale_one), _pixels(plain))  # FluxPipeline runs true CFG only above 1
+
+
 def test_fp8_casting_and_gif(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = _generate(folder, tmp_path / "cast.gif", capsys, "--casting", "fp8")
     assert status == 0, err
