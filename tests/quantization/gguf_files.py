@@ -4,7 +4,9 @@
 through ``gguf.quants.quantize``; the K-quants (which the package can only read) as valid
 random blocks whose fp16 scales are built to give values of about the tensor's size.
 :func:`flux_gguf` / :func:`wan_gguf` write a seeded model in the original BFL / Wan key
-layout; :func:`dequantized` is the reference: every tensor dequantized by the package itself.
+layout; :func:`wide_gguf` writes a model of real width without building it (for benchmarks
+and diffusers' Flux converter, which needs FLUX.1's width); :func:`dequantized` is the
+reference: every tensor dequantized by the package itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gguf.quants import dequantize, quantize
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
 
-__all__ = ["K_QUANTS", "TypeRule", "dequantized", "flux_gguf", "mixed_types", "wan_gguf", "write_gguf"]
+__all__ = ["K_QUANTS", "TypeRule", "dequantized", "flux_gguf", "mixed_types", "wan_gguf", "wide_gguf", "write_gguf"]
 
 TypeRule = Callable[[str, tuple[int, ...]], str]
 """Which GGUF type a tensor (name, torch shape) is written in."""
@@ -130,6 +132,28 @@ def wan_gguf(path: Path, config: WanConfig, types: TypeRule | None = None, *, se
     """A seeded Wan model of ``config`` in Wan's original layout, as a GGUF file (``architecture: wan``)."""
     state = _original(WanTransformer3DModel.from_config(config), seed, prefix)
     return write_gguf(path, state, types or mixed_types(), architecture="wan", seed=seed)
+
+
+def wide_gguf(path: Path, cls: type[FluxTransformer2DModel] | type[WanTransformer3DModel], config: Any,
+              types: TypeRule, *, architecture: str, seed: int = 0) -> Path:
+    """A model of any width as a GGUF file in its original layout, fast: no dense model is built.
+
+    The layout comes from the model built on the meta device; K-quant tensors are random blocks,
+    the others random values of the usual size (norm scales near 1).
+    """
+    with torch.device("meta"):
+        model = cls(config)
+    mapper = cls.declared_capabilities().weight_mapping
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, meta in mapper.convert(model.state_dict(), "to_original").items():
+        if types(name, tuple(meta.shape)) in K_QUANTS:
+            tensors[name] = meta
+            continue
+        values = torch.randn(meta.shape, generator=generator)
+        scale = meta.shape[-1] ** -0.5 if meta.ndim > 1 else 0.1
+        tensors[name] = 1.0 + 0.1 * values if name.endswith(".scale") else values * scale
+    return write_gguf(path, tensors, types, architecture=architecture, seed=seed)
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
