@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,17 @@ from diffcaps.io import read_header
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.models.flux._weight_mapping import rope_axes
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from diffcaps.quantization.spec import PackedLinear, packed_linears
+from diffcaps.quantization.spec import (
+    PackedLinear,
+    QuantizationSupport,
+    fill_from_gguf,
+    packed_linears,
+    read_gguf,
+    row_wise,
+)
+from diffcaps.services import ModuleNames
 from diffcaps.weights import UnexpectedTensorsWarning, load_single_file
+from diffcaps.weights.spec import SWAP_HALVES, Inverted, Split, Transform
 from tests.flux_fixtures import flux_inputs
 from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types, wan_gguf, write_gguf
 from tests.wan_fixtures import wan_inputs
@@ -259,3 +269,48 @@ def test_a_plain_safetensors_load_is_unchanged_by_the_gguf_hook(tmp_path: Path) 
         with pytest.raises(CheckpointError) as info:
             load_single_file(FluxTransformer2DModel, path)
     assert "GGUF" not in str(info.value)
+
+
+# --- transforms on packed rows ------------------------------------------------------------
+
+
+@attrs.frozen
+class _Step:
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    transform: Transform
+
+
+class _Pair(nn.Module):
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(in_features, 64, bias=False)
+        self.b = nn.Linear(in_features, 64, bias=False)
+
+
+def _fill(tmp_path: Path, transform: Transform, targets: tuple[str, ...], in_features: int,
+          fused: torch.Size) -> tuple[_Pair, list[str], dict[str, Tensor]]:
+    path = write_gguf(tmp_path / "fused.gguf", {"fused": torch.randn(fused)}, {"fused": "Q8_0"}, architecture="test")
+    with torch.device("meta"):
+        model = _Pair(in_features)
+    decoded = fill_from_gguf(model, [_Step(("fused",), targets, transform)], read_gguf(path),
+                             QuantizationSupport(keep=ModuleNames(("nothing",))), torch_dtype=None, device="cpu")
+    parts = transform.forward([dequantized(path)["fused"]])
+    return model, decoded, dict(zip(targets, parts, strict=True))
+
+
+def test_row_transforms_run_on_packed_rows_and_others_decode_on_load(tmp_path: Path) -> None:
+    model, decoded, expected = _fill(tmp_path, Split(ratios=(1, 1)), ("a.weight", "b.weight"), 64,
+                                     torch.Size((128, 64)))
+    assert decoded == [] and isinstance(model.a, PackedLinear) and isinstance(model.b, PackedLinear)
+    assert torch.equal(model.a.dense_weight(), expected["a.weight"])
+    assert torch.equal(model.b.dense_weight(), expected["b.weight"])
+    model, decoded, expected = _fill(tmp_path, SWAP_HALVES, ("a.weight",), 64, torch.Size((64, 64)))
+    assert decoded == [] and isinstance(model.a, PackedLinear)
+    assert torch.equal(model.a.dense_weight(), expected["a.weight"])
+    # cutting inside rows cannot run on packed bytes: decoded on load, and said so
+    model, decoded, expected = _fill(tmp_path, Split(ratios=(1, 1), dim=1), ("a.weight", "b.weight"), 32,
+                                     torch.Size((64, 64)))
+    assert decoded == ["a.weight", "b.weight"] and not list(packed_linears(model))
+    assert torch.equal(model.a.weight, expected["a.weight"]) and torch.equal(model.b.weight, expected["b.weight"])
+    assert not row_wise(Inverted(Split(ratios=(1, 1), dim=1))) and row_wise(Inverted(SWAP_HALVES))
