@@ -87,7 +87,7 @@ def test_flux_gguf_stays_packed_and_equals_the_gguf_dequantisation(flux_file: Pa
         assert layer.weight.dtype == torch.uint8 and layer.weight.ndim == 2
         assert layer.weight.shape[0] == layer.out_features and layer.compute_dtype == torch.float32
         assert not any(part in name.split(".") for part in ("x_embedder", "context_embedder", "time_text_embed",
-                                                           "norm_out", "proj_out")), name
+                                                           "norm_out")), name
     # the single block's fused linear1 (Q4_K) split into q, k, v, mlp on its packed rows, no copy:
     # each part starts where the one before ends
     parts = [packed[f"single_transformer_blocks.0.{p}"] for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]

@@ -21,10 +21,8 @@ CONFIG = FluxConfig(num_layers=2, num_single_layers=2, attention_head_dim=16, nu
                     guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 FP8 = torch.float8_e4m3fn
-# BFL names of the modules Flux keeps unquantized (x_embedder, context_embedder, time_text_embed, proj_out, norm_out)
-KEPT = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-# ... and "proj_out" also names the single blocks' linear2 (single_transformer_blocks.N.proj_out)
-KEPT_LINEAR2 = ".linear2."
+# BFL names of the modules Flux keeps unquantized (x_embedder, context_embedder, time_text_embed, norm_out)
+KEPT = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
 
 
 def _original(tmp_path: Path) -> dict[str, Tensor]:
@@ -38,7 +36,7 @@ def scaled_fp8_state(tmp_path: Path, *, kept_too: bool = False) -> tuple[dict[st
     state, dense = _original(tmp_path), {}
     scaled: dict[str, Tensor] = {"scaled_fp8": torch.empty(0, dtype=FP8)}
     for number, (key, tensor) in enumerate(sorted(state.items())):
-        kept = key.startswith(KEPT) or KEPT_LINEAR2 in key
+        kept = key.startswith(KEPT)
         if tensor.ndim != 2 or not key.endswith(".weight") or (kept and not kept_too):
             scaled[key], dense[key] = tensor, tensor
             continue
@@ -102,10 +100,8 @@ def test_scale_input_is_kept_and_a_kept_modules_fp8_weight_is_dequantized_on_loa
     x_embedder = model.get_submodule("x_embedder")
     assert isinstance(x_embedder, nn.Linear) and not isinstance(x_embedder, PackedLinear)
     assert torch.equal(x_embedder.weight, dense["img_in.weight"])
-    # Flux keeps every module named proj_out, the single blocks' linear2 included
-    linear2 = model.get_submodule("single_transformer_blocks.0.proj_out")
-    assert isinstance(linear2, nn.Linear) and not isinstance(linear2, PackedLinear)
-    assert torch.equal(linear2.weight, dense["single_blocks.0.linear2.weight"])
+    # only the top-level modules are kept: the single blocks' proj_out (linear2) stays packed
+    assert isinstance(model.get_submodule("single_transformer_blocks.0.proj_out"), PackedLinear)
     with_input = [k.removesuffix(".scale_input") for k in scaled if k.endswith(".scale_input")]
     codecs = [layer.codec for _, layer in packed_linears(model)]
     held = [c for c in codecs if isinstance(c, ScaledFP8) and c.scale_input is not None]

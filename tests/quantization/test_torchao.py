@@ -19,7 +19,7 @@ torchao_quantization = pytest.importorskip("torchao.quantization")
 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
 from torchao.utils import TorchAOBaseTensor  # noqa: E402
 
-KEPT = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+KEPT = ("x_embedder", "context_embedder", "time_text_embed", "norm_out")
 
 
 def _run(model: FluxTransformer2DModel) -> Tensor:
@@ -53,8 +53,9 @@ def test_enable_equals_torchao_by_hand_and_skips_kept_modules(config: Any) -> No
     expected, expected_layers = _by_hand(config)
     assert _quantized(model) == expected_layers and len(expected_layers) > 10
     assert not any(set(KEPT) & set(name.split(".")) for name in expected_layers)
-    assert isinstance(model.get_submodule("proj_out").weight, nn.Parameter)
-    assert not isinstance(model.get_submodule("proj_out").weight, TorchAOBaseTensor)
+    assert isinstance(model.get_submodule("norm_out.linear").weight, nn.Parameter)
+    assert not isinstance(model.get_submodule("norm_out.linear").weight, TorchAOBaseTensor)
+    assert isinstance(model.get_submodule("single_transformer_blocks.0.proj_out").weight, TorchAOBaseTensor)
     out = _run(model)
     assert torch.equal(out, _run(expected))
     assert not torch.equal(out, dense) and ((out - dense).norm() / dense.norm()).item() < 0.1
