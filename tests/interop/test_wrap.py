@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from diffcaps.interop.diffusers import DiffusersView, unwrap, wrap
 from diffcaps.models.flux import FluxTransformer2DModel
 from tests.custom_model import seeded_tiny_dit
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model
+from tests.wan_fixtures import T2V
+from tests.wan_fixtures import seeded_model as wan_seeded_model
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -56,8 +59,9 @@ def test_the_view_reads_like_diffusers_transformer() -> None:
     view = wrap(model)
     assert isinstance(view, DiffusersView)
     assert type(view).__name__ == "FluxTransformer2DModel"
-    assert view.config.in_channels == TINY.in_channels
-    assert view.config["num_layers"] == TINY.num_layers
+    config: Any = view.config  # diffusers' FrozenDict: keys read as attributes too
+    assert config.in_channels == TINY.in_channels
+    assert config["num_layers"] == TINY.num_layers
     assert view.device == torch.device("cpu")
     assert view.dtype == torch.float32
     model.to(torch.bfloat16)
@@ -92,3 +96,10 @@ def test_pipelines_record_diffusers_class_where_diffusers_has_one() -> None:
     custom = wrap(seeded_tiny_dit())
     assert (custom.__module__, type(custom).__name__) == ("diffcaps.interop.diffusers._view", "TinyDiT")
     assert type(wrap(seeded_model(TINY))) is type(flux)
+
+
+def test_dtype_is_the_compute_dtype_not_a_float32_kept_module() -> None:
+    # Wan keeps its norms and modulation tables in float32; the pipeline casts latents to view.dtype
+    model = wan_seeded_model(T2V).to_dtype(torch.bfloat16)
+    assert model.scale_shift_table.dtype == torch.float32
+    assert wrap(model).dtype == torch.bfloat16

@@ -111,11 +111,12 @@ def tiny_flux_pipeline_folder(path: str | os.PathLike[str], *, config: FluxConfi
     """
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
-    if config.in_channels % 4:
-        raise ValueError(f"in_channels must be 4 × the VAE's latent channels, got {config.in_channels}")
+    packed = config.out_channels or config.in_channels
+    if packed % 4:
+        raise ValueError(f"out_channels (else in_channels) must be 4 × the VAE's latent channels, got {packed}")
     torch.manual_seed(seed)
     clip, t5 = _text_encoders(config.joint_attention_dim, config.pooled_projection_dim)
-    vae = _vae(config.in_channels // 4)
+    vae = _vae(packed // 4)
     transformer = FluxTransformer2DModel.from_config(config).eval()
     folder = Path(path)
     pipeline = FluxPipeline(

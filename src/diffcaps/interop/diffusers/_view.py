@@ -20,20 +20,23 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from diffcaps import cache, checks
+from diffcaps import cache, casting, checks
 from diffcaps.errors import InteropError
 from diffcaps.interop.diffusers import _lora
 from diffcaps.model import DEFAULT_MAX_SHARD_SIZE, Model
-from diffcaps.protocols import supports_cache
+from diffcaps.protocols import supports_cache, supports_layerwise_casting
 
 __all__ = ["DiffusersView", "unwrap", "wrap"]
+
+AnyModel = Model[Any, Any]
+"""Any diffcaps model, whatever its config and capabilities classes."""
 
 _ATTENTION_KWARGS = ("joint_attention_kwargs", "attention_kwargs")
 """The forward arguments in which diffusers' pipelines pass per-call attention options
 (Flux's name, then Wan's)."""
 
 
-def _lora_scale(model: Model, scale: float) -> AbstractContextManager[None]:
+def _lora_scale(model: AnyModel, scale: float) -> AbstractContextManager[None]:
     """The context in which ``model`` runs its LoRA layers at ``scale`` (``{"scale": s}`` of a pipeline).
 
     A scale of 1.0 changes nothing. Any other multiplies the active adapters' scales for the call.
@@ -54,7 +57,7 @@ class DiffusersView(ModelMixin, ConfigMixin):
 
     config_name = "config.json"
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: AnyModel) -> None:
         super().__init__()
         self.model = model
         # diffusers' pipelines name a component's library by ``component.__module__`` when they
@@ -67,6 +70,25 @@ class DiffusersView(ModelMixin, ConfigMixin):
     def config(self) -> FrozenDict:
         """The model's config, as diffusers' attribute-readable ``FrozenDict``."""
         return FrozenDict(self.model.config.to_dict())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in, which pipelines cast their latents to.
+
+        Layerwise casting's ``compute_dtype`` when one is set, else the dtype of the first
+        floating parameter outside the modules kept in float32 (as diffusers' ``ModelMixin.dtype``).
+        """
+        model: object = self.model
+        if supports_layerwise_casting(model):
+            config = casting.active(model)
+            if config is not None and config.compute_dtype is not None:
+                return config.compute_dtype
+        kept = self.model.kept_in_fp32()
+        floating = [(name, p.dtype) for name, p in self.model.named_parameters() if p.is_floating_point()]
+        for name, dtype in floating:
+            if name not in kept:
+                return dtype
+        return floating[0][1] if floating else torch.float32
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model as diffusers' transformer would: same arguments, ``Transformer2DModelOutput`` or a tuple."""
@@ -163,10 +185,10 @@ class DiffusersView(ModelMixin, ConfigMixin):
         return f"a diffusers view of {type(self.model).__name__}"
 
 
-_VIEW_CLASSES: dict[type[Model], type[DiffusersView]] = {}
+_VIEW_CLASSES: dict[type[AnyModel], type[DiffusersView]] = {}
 
 
-def _view_class(model_class: type[Model]) -> type[DiffusersView]:
+def _view_class(model_class: type[AnyModel]) -> type[DiffusersView]:
     """The view class for ``model_class``, named like it: pipelines write that name to model_index.json."""
     known = _VIEW_CLASSES.get(model_class)
     if known is None:
@@ -179,7 +201,7 @@ def _view_class(model_class: type[Model]) -> type[DiffusersView]:
     return known
 
 
-def _library_of(model_class: type[Model]) -> str:
+def _library_of(model_class: type[AnyModel]) -> str:
     import diffusers
 
     name = model_class.__name__
@@ -201,7 +223,7 @@ def wrap(model: Model[Any, Any] | DiffusersView) -> DiffusersView:
     return _view_class(type(given))(given)
 
 
-def unwrap(view: object) -> Model:
+def unwrap(view: object) -> AnyModel:
     """The diffcaps model inside a view made by :func:`wrap` (e.g. ``unwrap(pipe.transformer)``)."""
     if not isinstance(view, DiffusersView):
         raise InteropError(f"unwrap takes a view made by diffcaps.interop.diffusers.wrap, got "
