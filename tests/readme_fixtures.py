@@ -89,6 +89,7 @@ STAND_IN_FILES: Final[dict[str, StandIn]] = {
     "style-kohya.safetensors": None,
     "out.safetensors": None,
     "scratch/flux-groups": None,
+    "saved-pipeline": None,
 }
 
 

@@ -103,3 +103,11 @@ def test_dtype_is_the_compute_dtype_not_a_float32_kept_module() -> None:
     model = wan_seeded_model(T2V).to_dtype(torch.bfloat16)
     assert model.scale_shift_table.dtype == torch.float32
     assert wrap(model).dtype == torch.bfloat16
+
+
+def test_public_names_are_pinned() -> None:
+    # pinned here: tests/test_exported_members.py walks only modules importable without extras
+    import diffcaps.interop.diffusers as interop
+
+    assert interop.__all__ == ["DiffusersView", "load_lora_weights", "tiny_flux_pipeline_folder",
+                               "tiny_wan_pipeline_folder", "unwrap", "wrap"]
