@@ -76,7 +76,10 @@ class CacheSession:
         return snapshot(self.config.kind, self.tracked)
 
     def reset(self) -> None:
-        """Drop every hook's state (with its decision log) and the finished calibrations."""
+        """Drop every hook's state (with its decision log).
+
+        Finished calibrations are kept: they are a run's result, and a pipeline resets the
+        cache at the end of every call, before its caller can read them.
+        """
         for _, _, hook in self.placements:
             hook.reset()
-        self.calibrations.clear()

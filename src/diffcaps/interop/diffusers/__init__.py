@@ -3,7 +3,8 @@
 ``wrap(model)`` is what a pipeline takes as its transformer —
 ``FluxPipeline.from_pretrained(folder, transformer=wrap(model))`` — a view sharing the
 model's parameters; ``unwrap(pipe.transformer)`` gives the diffcaps model back, for
-diffcaps' feature functions. The pipeline's cache contexts reach :mod:`diffcaps.cache`, and
+diffcaps' feature functions. The pipeline's cache contexts reach :mod:`diffcaps.cache`
+(``pipe.transformer.enable_cache`` takes diffusers' cache configs: :func:`cache_config`), and
 ``pipe.save_pretrained`` writes a folder that diffusers alone reloads.
 
 Importing this module imports diffusers; ``import diffcaps`` does not.
@@ -20,6 +21,7 @@ except ImportError as missing:
         'diffcaps.interop.diffusers needs diffusers and transformers: pip install "diffcaps[diffusers]"'
     ) from missing
 
+from diffcaps.interop.diffusers._cache import cache_config as cache_config
 from diffcaps.interop.diffusers._lora import load_lora_weights as load_lora_weights
 from diffcaps.interop.diffusers._tiny import (
     tiny_flux_pipeline_folder as tiny_flux_pipeline_folder,
@@ -31,4 +33,12 @@ from diffcaps.interop.diffusers._view import (
     wrap as wrap,
 )
 
-__all__ = ["DiffusersView", "load_lora_weights", "tiny_flux_pipeline_folder", "tiny_wan_pipeline_folder", "unwrap", "wrap"]
+__all__ = [
+    "DiffusersView",
+    "cache_config",
+    "load_lora_weights",
+    "tiny_flux_pipeline_folder",
+    "tiny_wan_pipeline_folder",
+    "unwrap",
+    "wrap",
+]

@@ -21,8 +21,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from diffcaps import cache, casting, checks
-from diffcaps.errors import InteropError
+from diffcaps.errors import CapabilityError, InteropError
 from diffcaps.interop.diffusers import _lora
+from diffcaps.interop.diffusers._cache import cache_config
 from diffcaps.model import DEFAULT_MAX_SHARD_SIZE, Model
 from diffcaps.protocols import supports_cache, supports_layerwise_casting
 
@@ -113,6 +114,27 @@ class DiffusersView(ModelMixin, ConfigMixin):
         timestep: float | torch.Tensor | None = where.get("timestep")
         with cache.context(self.model, name, timestep=timestep):
             yield
+
+    def enable_cache(self, config: object) -> None:
+        """``diffcaps.cache.enable`` with ``config``, diffusers' cache config or diffcaps' (as diffusers' ``CacheMixin``).
+
+        A diffusers config is read by :func:`~diffcaps.interop.diffusers.cache_config`; a cache
+        already on is a :class:`~diffcaps.errors.CacheError` (diffusers: ``ValueError``).
+        """
+        ours = cache_config(config)
+        if not supports_cache(self.model):
+            raise CapabilityError(type(self.model).__name__, "cache")
+        cache.enable(self.model, ours)
+
+    def disable_cache(self) -> None:
+        """``diffcaps.cache.disable``: every forward the model's own again (nothing happens with no cache on)."""
+        if supports_cache(self.model):
+            cache.disable(self.model)
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        """Whether a cache is on (``diffcaps.cache.active(model) is not None``)."""
+        return supports_cache(self.model) and cache.active(self.model) is not None
 
     def _reset_stateful_cache(self, recurse: bool = True) -> None:
         """Forget the cache's state (diffusers calls this after every pipeline call)."""
