@@ -1,4 +1,4 @@
-"""Features on a packed (scaled-fp8) model: offloading works, casting refuses, caches and CP run unchanged."""
+"""Features on a packed model (scaled fp8 and GGUF): offloading works, casting refuses, caches and CP run unchanged."""
 
 from __future__ import annotations
 
@@ -7,33 +7,45 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffcaps import cache, casting, offload, parallel, quantization, weights
 from diffcaps.errors import CastingError
-from diffcaps.models.flux import FluxTransformer2DModel
+from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.offload import GroupOffloadingConfig
 from diffcaps.parallel import ContextParallelConfig
 from diffcaps.quantization.spec import packed_linears
 from tests.flux_fixtures import flux_inputs
 from tests.parallel._worker import free_port
+from tests.quantization.gguf_files import flux_gguf, mixed_types
+from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES
 from tests.quantization.test_scaled_fp8 import CONFIG, scaled_fp8_state
 
 start_processes: Callable[..., Any] = importlib.import_module("torch.multiprocessing.spawn").start_processes
 
+CONFIGS: Final[dict[str, FluxConfig]] = {"scaled_fp8": CONFIG, "gguf": FLUX}
+"""The config of each packed format's test file, by format."""
 
-@pytest.fixture
-def scaled_file(tmp_path: Path) -> Path:
-    scaled, _ = scaled_fp8_state(tmp_path)
-    path = tmp_path / "x_fp8_scaled.safetensors"
+
+def _write(kind: str, folder: Path) -> Path:
+    if kind == "gguf":  # Q8_0, Q4_K, Q6_K and Q5_0 matrices kept packed; F16/BF16 ones dense
+        return flux_gguf(folder / "flux1-dev-mixed.gguf", FLUX, mixed_types(FLUX_TYPES))
+    scaled, _ = scaled_fp8_state(folder)
+    path = folder / "x_fp8_scaled.safetensors"
     save_file(scaled, path)
     return path
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def packed_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    kind: str = request.param
+    return kind, _write(kind, tmp_path_factory.mktemp(kind))
 
 
 def _load(path: Path) -> FluxTransformer2DModel:
@@ -42,9 +54,9 @@ def _load(path: Path) -> FluxTransformer2DModel:
     return model
 
 
-def _run(model: FluxTransformer2DModel, *, seed: int = 1, height: int = 4, width: int = 4,
+def _run(model: FluxTransformer2DModel, config: FluxConfig, *, seed: int = 1, height: int = 4, width: int = 4,
          text_tokens: int = 5) -> Tensor:
-    inputs = flux_inputs(CONFIG, height=height, width=width, text_tokens=text_tokens, seed=seed)
+    inputs = flux_inputs(config, height=height, width=width, text_tokens=text_tokens, seed=seed)
     with torch.no_grad():
         out: Tensor = model(**inputs, return_dict=False)[0]
     return out
@@ -53,29 +65,34 @@ def _run(model: FluxTransformer2DModel, *, seed: int = 1, height: int = 4, width
 @pytest.mark.parametrize("config", [GroupOffloadingConfig(onload_device="cpu", offload_type="block_level"),
                                     GroupOffloadingConfig(onload_device="cpu", offload_type="leaf_level")],
                          ids=["block_level", "leaf_level"])
-def test_group_offloading_runs_a_packed_model_unchanged(scaled_file: Path, config: GroupOffloadingConfig) -> None:
-    model = _load(scaled_file)
-    expected = _run(model)
+def test_group_offloading_runs_a_packed_model_unchanged(packed_file: tuple[str, Path],
+                                                        config: GroupOffloadingConfig) -> None:
+    kind, path = packed_file
+    model = _load(path)
+    expected = _run(model, CONFIGS[kind])
     offload.enable(model, config)
-    assert torch.equal(_run(model), expected)
+    assert torch.equal(_run(model, CONFIGS[kind]), expected)
     offload.disable(model)
     assert all(layer.weight.dtype == torch.uint8 for _, layer in packed_linears(model))
-    assert torch.equal(_run(model), expected)
+    assert torch.equal(_run(model, CONFIGS[kind]), expected)
 
 
-def test_layerwise_casting_refuses_packed_bytes_and_leaves_the_model(scaled_file: Path) -> None:
-    model = _load(scaled_file)
-    expected = _run(model)
-    with pytest.raises(CastingError, match="uint8"):
+def test_layerwise_casting_refuses_packed_bytes_and_leaves_the_model(packed_file: tuple[str, Path]) -> None:
+    kind, path = packed_file
+    model = _load(path)
+    expected = _run(model, CONFIGS[kind])
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    with pytest.raises(CastingError, match=r"cannot cast non-float parameter .*weight \(torch\.uint8\)"):
         casting.enable(model, casting.LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn))
     assert casting.active(model) is None
-    assert all(layer.weight.dtype == torch.uint8 for _, layer in packed_linears(model))
-    assert torch.equal(_run(model), expected)
+    assert {name: tensor.dtype for name, tensor in model.state_dict().items()} == dtypes
+    assert torch.equal(_run(model, CONFIGS[kind]), expected)
 
 
-def test_first_block_cache_on_a_packed_model_equals_the_dense_model(scaled_file: Path) -> None:
-    packed = _load(scaled_file)
-    dense = _load(scaled_file)
+def test_first_block_cache_on_a_packed_model_equals_the_dense_model(packed_file: tuple[str, Path]) -> None:
+    kind, path = packed_file
+    packed = _load(path)
+    dense = _load(path)
     quantization.disable(dense)  # the same decoded weights as plain nn.Linear layers
     for model in (packed, dense):
         cache.enable(model, cache.FirstBlockCacheConfig(threshold=0.5))
@@ -83,14 +100,32 @@ def test_first_block_cache_on_a_packed_model_equals_the_dense_model(scaled_file:
     for step in range(4):
         for model, seen in zip((packed, dense), outputs, strict=True):
             with cache.context(model, "cond"):
-                seen.append(_run(model, seed=1 + step // 2))
+                seen.append(_run(model, CONFIGS[kind], seed=1 + step // 2))
     for a, b in zip(*outputs, strict=True):
         assert torch.equal(a, b)
     decisions = [(cache.stats(m).computed(), cache.stats(m).skipped()) for m in (packed, dense)]
     assert decisions[0] == decisions[1] and decisions[0][1] > 0  # the repeated inputs skipped the blocks
 
 
-def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
+def test_disable_decodes_every_packed_layer_into_a_dense_one_with_the_same_output(
+        packed_file: tuple[str, Path]) -> None:
+    kind, path = packed_file
+    model = _load(path)
+    expected = _run(model, CONFIGS[kind])
+    layers = dict(packed_linears(model))
+    decoded = {name: layer.dense_weight() for name, layer in layers.items()}
+    report = quantization.active(model)
+    assert report is not None and sum(report.packed.values()) == len(layers)
+    quantization.disable(model)
+    assert quantization.active(model) is None
+    for name, weight in decoded.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, weight), name
+    assert torch.uint8 not in {tensor.dtype for tensor in model.state_dict().values()}
+    assert torch.equal(_run(model, CONFIGS[kind]), expected)
+
+
+def _rank(rank: int, world: int, port: int, kind: str, path: str, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -98,14 +133,15 @@ def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
     try:
         model = weights.load_single_file(FluxTransformer2DModel, path)
         parallel.enable(model, ContextParallelConfig(ulysses_degree=world, timeout=60))
-        torch.save(_run(model, height=4, width=4, text_tokens=4), Path(out) / f"rank{rank}.pt")
+        torch.save(_run(model, CONFIGS[kind], height=4, width=4, text_tokens=4), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_context_parallelism_on_two_ranks_equals_one_process(scaled_file: Path, tmp_path: Path) -> None:
-    expected = _run(_load(scaled_file), height=4, width=4, text_tokens=4)
-    context = start_processes(_rank, args=(2, free_port(), str(scaled_file), str(tmp_path)), nprocs=2,
+def test_context_parallelism_on_two_ranks_equals_one_process(packed_file: tuple[str, Path], tmp_path: Path) -> None:
+    kind, path = packed_file
+    expected = _run(_load(path), CONFIGS[kind], height=4, width=4, text_tokens=4)
+    context = start_processes(_rank, args=(2, free_port(), kind, str(path), str(tmp_path)), nprocs=2,
                               start_method="spawn", join=False)
     while not context.join(timeout=120):
         pass
