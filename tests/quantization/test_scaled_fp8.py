@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from diffcaps import quantization, weights
+from diffcaps.cli import main
 from diffcaps.errors import CheckpointError
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.quantization.spec import PackedLinear, ScaledFP8, packed_linears
@@ -172,3 +173,52 @@ def test_bad_scaled_files_get_a_named_error(tmp_path: Path, edit: str) -> None:
     with pytest.raises(CheckpointError) as caught:
         weights.load_single_file(FluxTransformer2DModel, path)
     assert str(path) in str(caught.value) and named in str(caught.value)
+
+
+def _inspect_rows(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    assert main(["inspect", str(path)]) == 0
+    return dict(line.strip().split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+
+
+def test_inspect_says_scaled_fp8_counts_fp8_weights_per_class_and_the_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scaled, _ = scaled_fp8_state(tmp_path)
+    path = tmp_path / "x_fp8_scaled.safetensors"
+    save_file(scaled, path)
+    rows = _inspect_rows(path, capsys)
+    # recognised as a checkpoint, marker and scales set aside as loading does
+    assert rows["kind"] == "checkpoint" and rows["variant"].startswith("flux-dev")
+    assert rows["fit"] == "every tensor has its place in FluxTransformer2DModel"
+    fp8 = {k: t for k, t in scaled.items() if t.dtype == FP8 and k != "scaled_fp8"}
+    inputs = sum(1 for k in scaled if k.endswith(".scale_input"))
+    assert rows["quantized"] == (f"scaled fp8 (float8_e4m3fn): {len(fp8)} fp8 weight(s) with a scale_weight "
+                                 f"({inputs} with a scale_input); dtypes by tensor class:")
+    assert 0 < inputs < len(fp8)
+    # every weight counted once in its class; the fp8 ones in attention, MLP and modulation
+    weights_only = {k: t for k, t in scaled.items() if k != "scaled_fp8" and not k.endswith(("scale_weight",
+                                                                                              "scale_input"))}
+    classes = ("MLP", "attention", "biases", "embeddings", "modulation", "norms", "output")
+    listed = [part.rsplit(" ×", 1) for label in classes if label in rows for part in rows[label].split(", ")]
+    assert sum(int(count) for _, count in listed) == len(weights_only)
+    assert sum(int(count) for kind, count in listed if kind == "float8_e4m3fn") == len(fp8)
+    for label in ("attention", "MLP", "modulation"):
+        assert "float8_e4m3fn ×" in rows[label], label
+    assert "float8" not in rows["embeddings"] and "float8" not in rows["norms"]  # kept / 1-D: not fp8
+    packed = sum(t.numel() for t in fp8.values())
+    values = sum(t.numel() for t in weights_only.values())
+    assert 2 * values < 10**6  # the report's unit is KB for a file this small
+    assert rows["memory"] == (f"about {(packed + 2 * (values - packed)) / 1e3:.1f} KB loaded with the fp8 weights "
+                              f"kept (the rest in bfloat16); {2 * values / 1e3:.1f} KB dense in bfloat16")
+    assert rows["tensors"] == str(len(scaled))
+
+
+def test_inspect_names_a_broken_scaled_fp8_file_and_a_plain_file_has_no_quantization_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, named = _bad(tmp_path, "missing")
+    rows = _inspect_rows(path, capsys)
+    assert rows["quantized"].startswith("scaled fp8, but 1 fp8 tensor(s) without their scale_weight: ")
+    assert named in rows["quantized"]
+    plain = weights.save_single_file(seeded_model(CONFIG), tmp_path / "plain.safetensors")
+    assert "quantized" not in _inspect_rows(plain, capsys)

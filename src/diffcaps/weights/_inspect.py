@@ -5,7 +5,9 @@ each of which says whether the file is its kind of thing — a model checkpoint 
 variant, or (where a LoRA recogniser is added) an adapter in some format — and describes
 it in rows of (label, value). No tensor is read. A GGUF file's tensor table is shown to the
 recognisers as a header (logical shapes; uint8 where block-quantized), and the report adds
-its GGUF types per tensor class and the memory it takes loaded packed and dense.
+its GGUF types per tensor class and the memory it takes loaded packed and dense; a ComfyUI
+scaled-fp8 file is recognised without its marker and scales, and the report adds its fp8
+weights per tensor class and the memory it takes loaded with them kept fp8 and dense.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
         return _inspect_gguf(path, recognisers)
     header = read_header(path)
     counts = Counter(_dtype_name(info.dtype) for info in header.tensors.values())
-    recognitions = _recognise(header, recognisers)
+    weights, quantization = _scaled_fp8(header)
     return FileReport(
         path=Path(path),
         file_bytes=header.path.stat().st_size,
@@ -134,8 +136,43 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
         parameters=sum(math.prod(info.shape) for info in header.tensors.values()),
         dtypes=tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
         metadata=header.metadata,
-        recognitions=tuple(recognitions),
+        recognitions=tuple(_recognise(weights, recognisers)),
+        quantization=quantization,
     )
+
+
+def _scaled_fp8(header: SafetensorsHeader) -> tuple[SafetensorsHeader, tuple[Row, ...]]:
+    """(the header the recognisers see, the quantization rows) of a safetensors file.
+
+    A ComfyUI scaled-fp8 file is shown to the recognisers without its marker and scales (as
+    ``load_single_file`` maps it) and reported with its fp8 weights per tensor class and the
+    memory it takes loaded with the fp8 weights kept; any other file is passed on as it is.
+    """
+    from diffcaps.quantization.spec import scaled_fp8_keys
+
+    try:
+        keys = scaled_fp8_keys(header)
+    except CheckpointError as exc:  # the marker is there, the structure is not: say why, load will refuse it
+        return header, (("quantized", f"scaled fp8, but {str(exc).removeprefix(f'{header.path}: ')}"),)
+    if keys is None:
+        return header, ()
+    tensors = {name: info for name, info in header.tensors.items() if name not in keys.extra}
+    weights = attrs.evolve(header, tensors=tensors)
+    classes: dict[str, Counter[str]] = {}
+    for name, info in tensors.items():
+        classes.setdefault(_tensor_class(name, len(info.shape)), Counter())[_dtype_name(info.dtype)] += 1
+    fp8 = sum(math.prod(tensors[name].shape) for name in keys.scales)
+    values = sum(math.prod(info.shape) for info in tensors.values())
+    rows: list[Row] = [
+        ("quantized", f"scaled fp8 ({_dtype_name(header.tensors[keys.marker].dtype)}): {len(keys.scales)} fp8 "
+                      f"weight(s) with a scale_weight ({len(keys.inputs)} with a scale_input); "
+                      "dtypes by tensor class:"),
+        *((f"  {label}", ", ".join(f"{kind} ×{count}" for kind, count in counts.most_common()))
+          for label, counts in sorted(classes.items())),
+        ("memory", f"about {human_bytes(fp8 + 2 * (values - fp8))} loaded with the fp8 weights kept (the rest "
+                   f"in bfloat16); {human_bytes(2 * values)} dense in bfloat16"),
+    ]
+    return weights, tuple(rows)
 
 
 def _recognise(header: SafetensorsHeader, recognisers: Sequence[Recogniser]) -> list[Recognition]:
