@@ -10,6 +10,13 @@ ones (the gguf package's, and diffcaps') by about one float16 step. Recorded on 
 (largest difference / largest value): weights Q4_K 1.23e-3, Q5_K 1.25e-3, Q6_K 7.8e-4,
 Q8_0 3.2e-4; outputs 3.3e-4 (3.9e-3 at outputs up to 11.9), the same with the LoRA. The
 bounds below are those, with a margin.
+
+Wan needs no particular width: ``WanTransformer3DModel.from_single_file`` reads the small Wan
+file of ``test_gguf_load`` (its matrices in all ten block types) the same way. Recorded:
+weights Q5_K 1.28e-3, Q4_K 9.0e-4, Q5_1 8.9e-4, Q2_K 8.7e-4, Q4_1 7.2e-4, Q6_K 6.9e-4,
+Q3_K 4.6e-4, Q8_0 3.1e-4, Q5_0 2.2e-4, Q4_0 2.2e-4; outputs 3.5e-4 (at outputs up to 6.2).
+diffusers keeps every linear layer packed; diffcaps decodes the ones Wan keeps unquantized
+(text and time embedders, ``proj_out``) on load.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from torch import Tensor
 from diffcaps import lora
 from diffcaps.io import save_safetensors
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
+from diffcaps.models.wan import WanTransformer3DModel
 from diffcaps.quantization.spec import packed_linears
 from diffcaps.weights import load_single_file
 from tests.flux_fixtures import flux_inputs
-from tests.quantization.gguf_files import wide_gguf
+from tests.quantization.gguf_files import mixed_types, wan_gguf, wide_gguf
+from tests.quantization.test_gguf_load import WAN
+from tests.wan_fixtures import wan_inputs
 
 WIDE = FluxConfig(num_layers=1, num_single_layers=1, num_attention_heads=24, attention_head_dim=128,
                   joint_attention_dim=256, pooled_projection_dim=256, in_channels=64, guidance_embeds=True,
@@ -103,3 +113,34 @@ def test_weights_and_outputs_match_diffusers_within_its_float16_dequantisation(w
         theirs_lora: Tensor = diffusers_model(**inputs, return_dict=False)[0]
     assert (ours_lora - ours_out).abs().max().item() > 0.01  # the adapter matters
     assert _relative(ours_lora, theirs_lora) <= 1e-3
+
+
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def test_wan_weights_and_outputs_match_diffusers_within_its_float16_dequantisation(tmp_path: Path) -> None:
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel as DiffusersWan
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    path = wan_gguf(tmp_path / "wan2.1-t2v-mixed.gguf", WAN, mixed_types(BLOCK_TYPES), prefix="model.diffusion_model.")
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(WAN.to_dict()))
+    theirs_model: Any = DiffusersWan.from_single_file(
+        str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+    model = load_single_file(WanTransformer3DModel, path)
+    packed = dict(packed_linears(model))
+    assert {layer.codec.name for layer in packed.values()} == set(BLOCK_TYPES)
+    for name, layer in packed.items():
+        held = theirs_model.get_submodule(name).weight
+        assert held.quant_type.name == layer.codec.name, name  # diffusers keeps it packed in the same type
+        ours = layer.dense_weight()
+        theirs = dequantize_gguf_tensor(held).float().reshape(ours.shape)
+        assert _relative(ours, theirs) <= 2e-3, name  # about one float16 step
+    inputs = wan_inputs(WAN)
+    with torch.no_grad():
+        ours_out: Tensor = model(**inputs).sample
+        theirs_out: Tensor = theirs_model(**inputs, return_dict=False)[0]
+    assert ours_out.shape == theirs_out.shape
+    assert _relative(ours_out, theirs_out) <= 1e-3
