@@ -3,8 +3,8 @@
 Each call sequence runs on two FluxPipelines built from the same tiny seeded folder: one with
 diffusers' own transformer, one with ``wrap(diffcaps_model)``; both get the same LoRA files
 (``tests/lora/_files.py``) and must give the same images (fp32). Files diffusers cannot load
-(LoKr, LoHa) and files ``pipe.load_lora_weights`` refuses (kohya, converted lossily by
-diffusers) are compared with a diffusers pipeline whose transformer holds the expected merged
+(LoKr, LoHa) and files read directly by ``interop.diffusers.load_lora_weights`` (kohya with
+the modules diffusers' converter drops) are compared with a diffusers pipeline whose transformer holds the expected merged
 weights, computed independently in ``tests/lora/_check.py``.
 """
 
@@ -21,8 +21,7 @@ from torch import Tensor
 pytest.importorskip("diffusers")
 
 from diffcaps import lora  # noqa: E402
-from diffcaps.errors import LoRAError  # noqa: E402
-from diffcaps.interop.diffusers import load_lora_weights, unwrap, wrap  # noqa: E402
+from diffcaps.interop.diffusers import ConvertedLoRAWarning, load_lora_weights, unwrap, wrap  # noqa: E402
 from diffcaps.interop.diffusers._tiny import tiny_flux_pipeline_folder  # noqa: E402
 from diffcaps.models.flux import FluxTransformer2DModel  # noqa: E402
 from tests.lora._check import merged_state  # noqa: E402
@@ -197,8 +196,9 @@ def test_formats_diffusers_cannot_read_load_through_the_pipeline(case: str, fold
         torch.testing.assert_close(_images(ours), _images(reference), atol=1e-5, rtol=0)
 
 
-def test_a_file_diffusers_converts_is_refused_with_the_call_that_loads_it(folder: Path, tmp_path: Path) -> None:
-    ours = _ours(folder)
+def test_a_file_diffusers_converts_loads_as_diffusers_and_the_direct_call_loads_all_of_it(folder: Path,
+                                                                                         tmp_path: Path) -> None:
+    ours, theirs = _ours(folder), _theirs(folder)
     model = _model(ours)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     # diffusers' converter drops kohya's non-block modules (img_in, time_in, final_layer, ...) with a
@@ -206,11 +206,18 @@ def test_a_file_diffusers_converts_is_refused_with_the_call_that_loads_it(folder
     file = kohya_style(model, seed=6, key=_flat("lora_unet_"),
                        modules=[m for m in bfl_modules(2, 2) if not m.endswith("linear1")])
     path = file.save(tmp_path / "kohya.safetensors")
-    with pytest.raises(LoRAError, match=r"diffcaps\.interop\.diffusers\.load_lora_weights\(pipe, file"):
+    dropped = r"so does this load: context_embedder, .*x_embedder\. .*load_lora_weights\(pipe, file"
+    with pytest.warns(ConvertedLoRAWarning, match=dropped):
         ours.load_lora_weights(path, adapter_name="k")
-    assert lora.list_adapters(model) == ()
+    theirs.load_lora_weights(path, adapter_name="k")
+    assert lora.list_adapters(model) == ("k",)
+    with torch.no_grad():
+        converted = _images(ours)
+        torch.testing.assert_close(converted, _images(theirs), atol=_FP32, rtol=0)
+    ours.unload_lora_weights()
     report = load_lora_weights(ours, path, adapter_name="k")
     assert report.format == "kohya"
     with torch.no_grad():
-        torch.testing.assert_close(_images(ours), _images(_theirs(folder, merged_state(state, file))),
-                                   atol=1e-5, rtol=0)
+        exact = _images(ours)
+        torch.testing.assert_close(exact, _images(_theirs(folder, merged_state(state, file))), atol=1e-5, rtol=0)
+    assert (exact - converted).abs().max() > 1e-4  # the modules diffusers drops do something

@@ -109,5 +109,5 @@ def test_public_names_are_pinned() -> None:
     # pinned here: tests/test_exported_members.py walks only modules importable without extras
     import diffcaps.interop.diffusers as interop
 
-    assert interop.__all__ == ["DiffusersView", "cache_config", "load_lora_weights", "tiny_flux_pipeline_folder",
+    assert interop.__all__ == ["ConvertedLoRAWarning", "DiffusersView", "cache_config", "load_lora_weights", "tiny_flux_pipeline_folder",
                                "tiny_wan_pipeline_folder", "unwrap", "wrap"]

@@ -22,7 +22,10 @@ except ImportError as missing:
     ) from missing
 
 from diffcaps.interop.diffusers._cache import cache_config as cache_config
-from diffcaps.interop.diffusers._lora import load_lora_weights as load_lora_weights
+from diffcaps.interop.diffusers._lora import (
+    ConvertedLoRAWarning as ConvertedLoRAWarning,
+    load_lora_weights as load_lora_weights,
+)
 from diffcaps.interop.diffusers._tiny import (
     tiny_flux_pipeline_folder as tiny_flux_pipeline_folder,
     tiny_wan_pipeline_folder as tiny_wan_pipeline_folder,
@@ -34,6 +37,7 @@ from diffcaps.interop.diffusers._view import (
 )
 
 __all__ = [
+    "ConvertedLoRAWarning",
     "DiffusersView",
     "cache_config",
     "load_lora_weights",

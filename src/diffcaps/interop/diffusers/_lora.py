@@ -24,21 +24,28 @@ loader then only moves ``.alpha`` tensors, under their own names, into ``network
 the view gets the file's own tensors back together and ``diffcaps.lora.load_adapter`` detects
 their format, so every format diffcaps reads loads exactly as ``lora.load_adapter(model,
 file)`` would. Where Flux's loader converted the file (kohya, OneTrainer, ComfyUI
-``lora_down/up``, XLabs, BFL control, fal Kontext: it then passes ``network_alphas=None``),
-the conversion is lossy — it hard-codes FLUX.1's 3072 width and block counts and drops
-kohya's non-block modules with only a log line — so loading its output could silently load
-the wrong adapter: that is a :class:`~diffcaps.errors.LoRAError` naming
-:func:`load_lora_weights`, which hands the file to diffcaps before diffusers converts
-anything. Wan's loader converts ``diffusion_model.`` and musubi files with converters that
-fail on any key they leave over, so their output is loaded. Files whose tensor names lack
-``lora`` (``lycoris_`` LoKr names, ``.diff`` patches) are refused by diffusers' own check
-before diffcaps is reached; :func:`load_lora_weights` loads them.
+``lora_down/up``, XLabs, fal Kontext: it then passes ``network_alphas=None``), the converted
+tensors are loaded as a diffusers/PEFT file, as diffusers' transformer loads them: the
+converters fold each ``alpha / rank`` into the weights, and only the ``transformer.`` tensors
+are the transformer's (kohya's top-level modules — ``img_in``, ``txt_in``, ``time_in``,
+``vector_in``, ``guidance_in``, ``final_layer`` — come out without that prefix, and
+diffusers' transformer drops them with a log line). Such a load gives diffusers' result and a
+:class:`ConvertedLoRAWarning` naming what was dropped and :func:`load_lora_weights`, which
+hands the file to diffcaps before diffusers converts anything (every module, any width: the
+converters hard-code FLUX.1's 3072 width and block counts). A converted file diffcaps cannot
+load (a BFL control LoRA widening ``x_embedder``, whose norm scales the pipeline loads past
+the transformer) is a :class:`~diffcaps.errors.LoRAError` naming :func:`load_lora_weights`.
+Wan's loader converts ``diffusion_model.`` and musubi files with converters that fail on any
+key they leave over, so their output is loaded. Files whose tensor names lack ``lora``
+(``lycoris_`` LoKr names, ``.diff`` patches) are refused by diffusers' own check before
+diffcaps is reached; :func:`load_lora_weights` loads them.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +60,7 @@ from diffcaps.io import save_safetensors
 from diffcaps.protocols import SupportsLoRA, supports_lora
 
 __all__ = [
+    "ConvertedLoRAWarning",
     "delete_adapters",
     "enable",
     "fuse",
@@ -64,6 +72,10 @@ __all__ = [
     "unfuse",
     "unload",
 ]
+
+
+class ConvertedLoRAWarning(UserWarning):
+    """``pipe.load_lora_weights`` loaded a file diffusers converted first: ``load_lora_weights(pipe, file)`` reads it exactly."""
 
 
 def _with_lora(model: object) -> SupportsLoRA:
@@ -94,19 +106,16 @@ def load_lora_weights(pipe: object, source: lora.Source, *, adapter_name: str = 
 
 def load_from_pipeline(model: object, state_dict: Mapping[str, Tensor], *,
                        network_alphas: Mapping[str, Tensor] | None, metadata: Mapping[str, Any] | None,
-                       adapter_name: str | None, hotswap: bool, pipeline: object) -> lora.LoadReport:
+                       adapter_name: str | None, hotswap: bool, pipeline: object) -> lora.LoadReport | None:
     """Load what a pipeline's ``load_lora_weights`` hands its transformer (see the module docstring).
 
-    ``adapter_name=None`` names the adapter ``default_<n>`` as diffusers does.
+    ``adapter_name=None`` names the adapter ``default_<n>`` as diffusers does. ``None`` when a
+    converted file held nothing for the transformer (with a :class:`ConvertedLoRAWarning`).
     """
     target = _with_lora(model)
     name = adapter_name if adapter_name is not None else f"default_{len(lora.list_adapters(target))}"
-    if network_alphas is None and _converts_lossily(pipeline):
-        raise LoRAError(
-            f"{type(pipeline).__name__}.load_lora_weights converted this LoRA file to diffusers' layout before "
-            "diffcaps saw it, and that conversion drops or mis-splits tensors at other widths than FLUX.1's "
-            "(kohya, OneTrainer, ComfyUI lora_down/up, XLabs, BFL control and fal Kontext files); load it with "
-            f"diffcaps.interop.diffusers.load_lora_weights(pipe, file, adapter_name={name!r}) instead")
+    if network_alphas is None and _converts(pipeline):
+        return _load_converted(target, state_dict, name=name, hotswap=hotswap, pipeline=pipeline)
     tensors = {**state_dict, **(network_alphas or {})}
     if not metadata:
         return lora.load_adapter(target, tensors, adapter_name=name, hotswap=hotswap)
@@ -118,7 +127,39 @@ def load_from_pipeline(model: object, state_dict: Mapping[str, Tensor], *,
         return lora.load_adapter(target, path, adapter_name=name, hotswap=hotswap)
 
 
-def _converts_lossily(pipeline: object) -> bool:
+_PREFIX = "transformer."
+_TEXT_ENCODERS = ("text_encoder.", "text_encoder_2.")
+
+
+def _load_converted(model: SupportsLoRA, state_dict: Mapping[str, Tensor], *, name: str, hotswap: bool,
+                    pipeline: object) -> lora.LoadReport | None:
+    """Load the transformer's part of what diffusers' Flux converter made of a file, as diffusers' transformer does."""
+    ours = {key: value for key, value in state_dict.items() if key.startswith(_PREFIX)}
+    dropped = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict
+                      if not key.startswith((_PREFIX, *_TEXT_ENCODERS))})
+    direct = f"diffcaps.interop.diffusers.load_lora_weights(pipe, file, adapter_name={name!r})"
+    caller = f"{type(pipeline).__name__}.load_lora_weights"
+    if not ours:
+        warnings.warn(f"{caller}: the converted file has no tensors for the transformer"
+                      + (f" (diffusers' converter left {', '.join(dropped)} unprefixed)" if dropped else "")
+                      + f"; nothing was loaded into it. {direct} reads the file directly",
+                      ConvertedLoRAWarning, stacklevel=7)
+        return None
+    try:
+        report = lora.load_adapter(model, ours, adapter_name=name, hotswap=hotswap)
+    except LoRAError as refused:
+        raise LoRAError(f"{caller} converted this LoRA file to diffusers' layout (its converters assume "
+                        f"FLUX.1's widths and block counts), and diffcaps cannot load the result: {refused}. "
+                        f"{direct} reads the file directly") from refused
+    lost = (f"; diffusers' transformer drops the modules its converter left without the 'transformer.' prefix, "
+            f"and so does this load: {', '.join(dropped)}") if dropped else ""
+    warnings.warn(f"{caller} converted this LoRA file with diffusers' converter before diffcaps loaded it as "
+                  f"adapter {name!r}{lost}. {direct} reads the file directly and exactly (every module, any width)",
+                  ConvertedLoRAWarning, stacklevel=7)
+    return report
+
+
+def _converts(pipeline: object) -> bool:
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
     return isinstance(pipeline, FluxLoraLoaderMixin)
