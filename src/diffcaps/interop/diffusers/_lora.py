@@ -109,11 +109,21 @@ def load_from_pipeline(model: object, state_dict: Mapping[str, Tensor], *,
                        adapter_name: str | None, hotswap: bool, pipeline: object) -> lora.LoadReport | None:
     """Load what a pipeline's ``load_lora_weights`` hands its transformer (see the module docstring).
 
-    ``adapter_name=None`` names the adapter ``default_<n>`` as diffusers does. ``None`` when a
+    ``adapter_name=None`` names the adapter ``default_<n>`` as diffusers does, and the adapter
+    loaded becomes the only active one, as in diffusers (``set_adapters`` activates several). ``None`` when a
     converted file held nothing for the transformer (with a :class:`ConvertedLoRAWarning`).
     """
     target = _with_lora(model)
     name = adapter_name if adapter_name is not None else f"default_{len(lora.list_adapters(target))}"
+    report = _load(target, state_dict, network_alphas=network_alphas, metadata=metadata, name=name,
+                   hotswap=hotswap, pipeline=pipeline)
+    if report is not None and not hotswap:
+        lora.set_adapters(target, [name])  # as in diffusers (peft), the adapter just loaded is the active one
+    return report
+
+
+def _load(target: SupportsLoRA, state_dict: Mapping[str, Tensor], *, network_alphas: Mapping[str, Tensor] | None,
+          metadata: Mapping[str, Any] | None, name: str, hotswap: bool, pipeline: object) -> lora.LoadReport | None:
     if network_alphas is None and _converts(pipeline):
         return _load_converted(target, state_dict, name=name, hotswap=hotswap, pipeline=pipeline)
     tensors = {**state_dict, **(network_alphas or {})}
@@ -143,7 +153,7 @@ def _load_converted(model: SupportsLoRA, state_dict: Mapping[str, Tensor], *, na
         warnings.warn(f"{caller}: the converted file has no tensors for the transformer"
                       + (f" (diffusers' converter left {', '.join(dropped)} unprefixed)" if dropped else "")
                       + f"; nothing was loaded into it. {direct} reads the file directly",
-                      ConvertedLoRAWarning, stacklevel=7)
+                      ConvertedLoRAWarning, stacklevel=8)
         return None
     try:
         report = lora.load_adapter(model, ours, adapter_name=name, hotswap=hotswap)
@@ -155,7 +165,7 @@ def _load_converted(model: SupportsLoRA, state_dict: Mapping[str, Tensor], *, na
             f"and so does this load: {', '.join(dropped)}") if dropped else ""
     warnings.warn(f"{caller} converted this LoRA file with diffusers' converter before diffcaps loaded it as "
                   f"adapter {name!r}{lost}. {direct} reads the file directly and exactly (every module, any width)",
-                  ConvertedLoRAWarning, stacklevel=7)
+                  ConvertedLoRAWarning, stacklevel=8)
     return report
 
 
