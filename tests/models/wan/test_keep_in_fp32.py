@@ -154,3 +154,24 @@ def test_single_file_loads_keep_the_same_modules_in_fp32(tmp_path: Path, storage
         inputs = _bf16_inputs(config, seed=18)
         with torch.no_grad():
             assert torch.equal(single(**inputs).sample, folder(**inputs).sample)
+
+
+def test_plain_to_bf16_differs_from_diffusers_only_by_its_rope_tables_cast_low() -> None:
+    """``.to(bfloat16)`` casts every module, the kept ones too, on both sides; diffusers also casts
+    its precomputed RoPE tables (buffers) to bf16, while diffcaps computes them per call in
+    float32. With diffusers' tables put back at full precision, the outputs are bit-equal."""
+    model = seeded_model(T2V, seed=5)
+    oracle = _diffusers_class().from_config(T2V.to_dict()).eval()
+    oracle.load_state_dict(model.state_dict())
+    tables = {name: buffer.clone() for name, buffer in oracle.rope.named_buffers()}
+    assert tables and all(t.dtype in (torch.float32, torch.float64) for t in tables.values())
+    model.to(torch.bfloat16)
+    oracle.to(torch.bfloat16)
+    inputs = _bf16_inputs(T2V, seed=6)
+    with torch.no_grad():
+        ours = model(**inputs).sample
+        theirs = oracle(**inputs, return_dict=False)[0]
+        assert not torch.equal(ours, theirs)  # diffusers' bf16 RoPE tables
+        for name, table in tables.items():
+            setattr(oracle.rope, name, table)
+        assert torch.equal(ours, oracle(**inputs, return_dict=False)[0])
