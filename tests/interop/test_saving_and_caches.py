@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,22 @@ def test_save_pretrained_writes_a_folder_diffusers_reloads(ours: Any, tmp_path: 
     reloaded = FluxPipeline.from_pretrained(tmp_path / "saved")
     assert type(reloaded.transformer) is DiffusersFlux
     assert_same(generate(reloaded, **CALL), generate(ours, **CALL), tolerance=0.0)
+
+
+def test_the_saved_pipeline_loads_where_diffcaps_cannot_be_imported(ours: Any, tmp_path: Path) -> None:
+    ours.save_pretrained(tmp_path / "saved")
+    script = (
+        "import sys\n"
+        "sys.modules['diffcaps'] = None  # as if diffcaps were not installed\n"
+        "from diffusers import FluxPipeline\n"
+        f"pipe = FluxPipeline.from_pretrained({str(tmp_path / 'saved')!r})\n"
+        "assert type(pipe.transformer).__module__.startswith('diffusers.'), type(pipe.transformer)\n"
+        "assert not any(name == 'diffcaps' or name.startswith('diffcaps.') for name in sys.modules if sys.modules[name])\n"
+        "print('loaded', type(pipe.transformer).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded FluxTransformer2DModel" in done.stdout
 
 
 def test_save_pretrained_refuses_what_diffcaps_does_not_write(ours: Any, tmp_path: Path) -> None:
