@@ -94,15 +94,19 @@ def test_disable_gives_dense_layers_with_the_same_output(tmp_path: Path) -> None
     assert torch.equal(_run(model), before)
 
 
-def test_scale_input_is_kept_and_a_kept_modules_fp8_weight_is_dequantized_on_load(tmp_path: Path) -> None:
+def test_scale_input_is_kept_and_a_kept_modules_fp8_weight_stays_fp8(tmp_path: Path) -> None:
     scaled, dense = scaled_fp8_state(tmp_path, kept_too=True)
+    scaled["scaled_fp8"] = torch.zeros(2, dtype=FP8)
     save_file(scaled, tmp_path / "x.safetensors")
     model = weights.load_single_file(FluxTransformer2DModel, tmp_path / "x.safetensors")
+    # Flux keeps x_embedder unquantized: diffcaps never quantizes it, but the file's fp8 weight is
+    # held as it is (decoding it on load would change no value) and written back byte for byte
     x_embedder = model.get_submodule("x_embedder")
-    assert isinstance(x_embedder, nn.Linear) and not isinstance(x_embedder, PackedLinear)
-    assert torch.equal(x_embedder.weight, dense["img_in.weight"])
-    # only the top-level modules are kept: the single blocks' proj_out (linear2) stays packed
+    assert isinstance(x_embedder, PackedLinear)
+    assert torch.equal(x_embedder.dense_weight(), dense["img_in.weight"])
     assert isinstance(model.get_submodule("single_transformer_blocks.0.proj_out"), PackedLinear)
+    written = load_file(weights.save_single_file(model, tmp_path / "out.safetensors"))
+    assert torch.equal(written["img_in.weight"].view(torch.uint8), scaled["img_in.weight"].view(torch.uint8))
     with_input = [k.removesuffix(".scale_input") for k in scaled if k.endswith(".scale_input")]
     codecs = [layer.codec for _, layer in packed_linears(model)]
     held = [c for c in codecs if isinstance(c, ScaledFP8) and c.scale_input is not None]

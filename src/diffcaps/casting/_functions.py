@@ -84,7 +84,7 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
     module, service = require(model, "layerwise_casting")
     if _SLOT.get(module) is not None:
         raise CastingError(f"layerwise casting is already enabled on this {type(module).__name__}; disable it first")
-    first = next(module.parameters(), None)
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
     compute = config.compute_dtype or (first.dtype if first is not None else torch.float32)
     if not compute.is_floating_point:
         raise CastingError(f"compute_dtype must be a floating-point torch.dtype, got {compute!r}")
@@ -95,10 +95,10 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
         patterns = service.skip_patterns + GENERIC_SKIP_PATTERNS
     keep = model.capabilities.keep_in_fp32 if supports_keep_in_fp32(model) else None  # never cast
     layers = [(name, layer) for name, layer in cast_layers(module, patterns) if keep is None or not keep.matches(name)]
-    for _, layer in layers:  # checked before anything is cast
+    for layer_name, layer in layers:  # checked before anything is cast
         for name, param in layer.named_parameters(recurse=False):
             if not param.dtype.is_floating_point:
-                raise CastingError(f"cannot cast non-float parameter {name} ({param.dtype})")
+                raise CastingError(f"cannot cast non-float parameter {layer_name}.{name} ({param.dtype})")
     for _, layer in layers:
         add_hook(layer, HOOK_NAME, CastHook(config.storage_dtype, compute))
     _SLOT.set(module, _Cast(config=config, layers=[layer for _, layer in layers]))

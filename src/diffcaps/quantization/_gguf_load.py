@@ -3,12 +3,14 @@
 The caller (``weights.load_single_file``) has identified the file, built the model on meta
 and checked names and shapes; :func:`fill_from_gguf` then runs the mapping plan step by step:
 
-- a block-quantized weight of an ``nn.Linear`` outside the model's ``quantization.keep``
-  stays packed: its rows (uint8, ``[out, row_bytes]``) are views of the mapped file, and the
+- a block-quantized weight of an ``nn.Linear`` stays packed (in a model that accepts the
+  ``gguf`` scheme; the modules it declares in ``quantization.keep`` too — ``keep`` is what
+  diffcaps never quantizes itself, and decoding a weight the file already quantized would
+  change none of its values, only its size): its rows (uint8, ``[out, row_bytes]``) are views of the mapped file, and the
   layer becomes a :class:`PackedLinear` decoding them into ``compute_dtype`` at each call.
   Transforms that only cut, join or reorder rows (``Split``/``Reorder`` along dim 0, and
   renames) run on the packed rows without decoding;
-- every other tensor (F32/F16/BF16, 1-D, kept modules, non-linear weights, and a packed
+- every other tensor (F32/F16/BF16, 1-D, non-linear weights, and a packed
   weight whose transform works inside rows) is decoded into its landing dtype on load.
 """
 
@@ -67,7 +69,7 @@ def check_gguf_types(file: GGUFFile, names: Iterable[str]) -> None:
 
 def _linear_weight(model: nn.Module, key: str, support: QuantizationSupport | None) -> str | None:
     owner, _, name = key.rpartition(".")
-    if support is None or name != "weight" or support.keep.matches(owner):
+    if support is None or "gguf" not in support.schemes or name != "weight":
         return None
     return owner if type(model.get_submodule(owner)) is nn.Linear else None
 

@@ -8,7 +8,8 @@ dtype, where it plays no part.
 
 :func:`scaled_fp8_keys` reads and checks this structure from the header alone;
 :func:`fill_scaled_fp8` fills the fp8 steps of a mapping plan — a weight of a plain
-``nn.Linear`` outside the model's ``quantization.keep`` stays fp8 (its bytes in a
+``nn.Linear`` stays fp8 (in the modules the model declares in ``quantization.keep`` too: they
+are what diffcaps never quantizes itself, and the file's values are fp8 either way) (its bytes in a
 :class:`PackedLinear` whose :class:`ScaledFP8` codec carries the scale), every other one is
 dequantized on load; :func:`scaled_fp8_export` writes marker, fp8 weights and scales back.
 """
@@ -132,7 +133,7 @@ def scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
 
 def _owner(model: nn.Module, key: str, support: QuantizationSupport | None) -> str | None:
     owner, _, name = key.rpartition(".")
-    if support is None or "scaled_fp8" not in support.schemes or name != "weight" or support.keep.matches(owner):
+    if support is None or "scaled_fp8" not in support.schemes or name != "weight":
         return None
     return owner if type(model.get_submodule(owner)) is nn.Linear else None
 
@@ -150,8 +151,7 @@ def fill_scaled_fp8(
 ) -> None:
     """Load the plan steps whose sources are fp8 weights; the rest of the plan is the caller's.
 
-    A step stays fp8 when every target is the weight of a plain ``nn.Linear`` outside
-    ``support.keep``, its sources share one scale, and its transform only moves rows; it then
+    A step stays fp8 when every target is the weight of a plain ``nn.Linear``, its sources share one scale, and its transform only moves rows; it then
     computes in ``torch_dtype`` (float32 when ``None``). Any other is dequantized
     (``fp8 · scale`` in float32) and lands as an unquantized tensor would.
     """

@@ -30,11 +30,14 @@ def _schemes(value: object) -> tuple[Scheme, ...]:
 @final
 @attrs.frozen(kw_only=True)
 class QuantizationSupport:
-    """Declares the quantization schemes a model accepts and the modules never quantized.
+    """Declares the quantization schemes a model accepts and the modules diffcaps never quantizes.
 
     ``keep`` names modules by one component of their dotted path (as ``keep_in_fp32`` does):
-    their weights stay in the compute dtype whatever the file or config says; only
-    ``nn.Linear`` layers outside them are quantized.
+    ``quantization.enable`` (torchao) leaves them in the compute dtype and quantizes only the
+    ``nn.Linear`` layers outside them. A quantized file (GGUF, scaled fp8) is held as the file
+    packs it, kept modules included: decoding a weight the file already quantized would change
+    none of its values, only the memory it takes. A scheme missing from ``schemes`` is decoded
+    on load.
     """
 
     keep: ModuleNames
