@@ -32,7 +32,7 @@ from diffcaps.quantization.spec import (
     row_wise,
 )
 from diffcaps.services import ModuleNames
-from diffcaps.weights import UnexpectedTensorsWarning, load_single_file
+from diffcaps.weights import UnexpectedTensorsWarning, load_single_file, save_single_file
 from diffcaps.weights.spec import SWAP_HALVES, Inverted, Split, Transform
 from tests.flux_fixtures import flux_inputs
 from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types, wan_gguf, write_gguf
@@ -165,6 +165,18 @@ def test_save_pretrained_of_a_packed_model_writes_a_dense_folder(flux_file: Path
     assert not list(packed_linears(dense))
     inputs = flux_inputs(FLUX, dtype=torch.bfloat16)
     assert torch.equal(_sample(dense, inputs), _sample(model, inputs))
+
+
+def test_save_single_file_of_a_packed_model_writes_its_weights_decoded(flux_file: Path, tmp_path: Path) -> None:
+    model = load_single_file(FluxTransformer2DModel, flux_file, torch_dtype=torch.bfloat16)
+    out = save_single_file(model, tmp_path / "dense.safetensors")
+    header = read_header(out)
+    assert torch.uint8 not in {info.dtype for info in header.tensors.values()}
+    assert header.tensors["single_blocks.0.linear1.weight"].dtype == torch.bfloat16
+    again = load_single_file(FluxTransformer2DModel, out, torch_dtype=torch.bfloat16)
+    assert not list(packed_linears(again))
+    inputs = flux_inputs(FLUX, dtype=torch.bfloat16)
+    assert torch.equal(_sample(again, inputs), _sample(model, inputs))
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
     from diffcaps.model import Model
-    from diffcaps.quantization.spec import ScaledFP8Keys
+    from diffcaps.quantization.spec import PackedLinear, ScaledFP8Keys
 
 __all__ = [
     "UnexpectedTensorsWarning",
@@ -403,15 +403,30 @@ def save_single_file(
     ``prefix`` is put before every key (``"model.diffusion_model."`` as some tools expect);
     ``torch_dtype`` casts floating tensors as they are written (``torch.float8_e4m3fn`` for
     an fp8 file). A model loaded from a ComfyUI scaled-fp8 file is written back in that format
-    (marker, fp8 weights, their scales). Tensors are converted and written one at a time; the
-    file appears under its name only once complete.
+    (marker, fp8 weights, their scales); other packed weights (a GGUF file's) are written
+    decoded in their compute dtype. Tensors are converted and written one at a time; the file
+    appears under its name only once complete.
     """
     module, mapper = require(model, "weight_mapping")
     state: dict[str, Tensor] = module.state_dict()
     where = str(path)
     plan = output_plan(mapper, list(state), layout, prefix=prefix, where=where)
     specs = {key: TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for key, t in state.items()}
+    decoded = _decoded_weights(module)
+    specs.update((key, TensorSpec(shape=tuple(layer.weight_shape), dtype=layer.compute_dtype))
+                 for key, layer in decoded.items())
+
+    def tensor(key: str) -> Tensor:
+        return decoded[key].dense_weight() if key in decoded else state[key]
+
     plan, slots = aligned(plan, planned_slots(plan, specs, torch_dtype, where=where))
-    slots, tensors = _with_scaled_fp8(module, plan, slots, produce(plan, state.__getitem__, torch_dtype),
+    slots, tensors = _with_scaled_fp8(module, plan, slots, produce(plan, tensor, torch_dtype),
                                       prefix=prefix, where=where)
     return stream_safetensors(path, slots, tensors)
+
+
+def _decoded_weights(module: torch.nn.Module) -> dict[str, PackedLinear]:
+    """Weight key → layer, for the packed layers written decoded (all but scaled fp8, written as it is)."""
+    from diffcaps.quantization.spec import ScaledFP8, packed_linears
+
+    return {f"{name}.weight": layer for name, layer in packed_linears(module) if not isinstance(layer.codec, ScaledFP8)}
