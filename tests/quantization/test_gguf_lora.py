@@ -21,7 +21,7 @@ from diffcaps.quantization.spec import PackedLinear, packed_linears
 from diffcaps.weights import load_single_file
 from tests.flux_fixtures import flux_inputs
 from tests.lora._check import fingerprint, reference_model
-from tests.lora._files import LoraFile, diffusers_style
+from tests.lora._files import LoraFile, bfl_control_file, diffusers_style
 from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types
 from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES
 
@@ -115,3 +115,22 @@ def test_save_pretrained_with_an_adapter_writes_the_decoded_base(flux_file: Path
     saved = FluxTransformer2DModel.from_pretrained(folder)
     inputs = flux_inputs(FLUX)
     assert torch.equal(_sample(saved, inputs), _sample(_dense(dense_state), inputs))
+
+
+def test_a_file_that_widens_a_packed_layer_is_refused_before_any_change(tmp_path: Path) -> None:
+    base = mixed_types(FLUX_TYPES)
+
+    def img_in_packed(name: str, shape: tuple[int, ...]) -> str:
+        return "Q8_0" if name == "img_in.weight" else base(name, shape)
+
+    path = flux_gguf(tmp_path / "flux.gguf", FLUX, img_in_packed, seed=4)
+    model = load_single_file(FluxTransformer2DModel, path)
+    assert isinstance(model.get_submodule("x_embedder"), PackedLinear)
+    control = bfl_control_file(model, seed=1, in_channels=2 * FLUX.in_channels, num_double=FLUX.num_layers,
+                               num_single=FLUX.num_single_layers)
+    file = save_safetensors(control.tensors, tmp_path / "control.safetensors")
+    before = fingerprint(model)
+    with pytest.raises(LoRAError, match=r"widens x_embedder, whose weight stays packed \(Q8_0"):
+        lora.load_adapter(model, file)
+    assert fingerprint(model) == before and model.config.in_channels == FLUX.in_channels
+    assert lora.list_adapters(model) == ()

@@ -27,6 +27,7 @@ from diffcaps.lora._formats import ConvertedAdapter, LoRAFormat, LoRAService
 from diffcaps.lora._hotswap import hotswap_adapter
 from diffcaps.lora._state import SLOT, AdapterRecord, LoadReport, LoRAState, Patch, Widening, snapshot
 from diffcaps.protocols import SupportsLoRA, require, supports_attention
+from diffcaps.quantization.spec import PackedLinear
 
 __all__ = ["Source", "load_adapter"]
 
@@ -188,10 +189,13 @@ def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: 
     for path, w in conversion.targets.items():
         wider = _check_linear(module, path, w, service, label, conversion.sources.get(path, path))
         if wider is not None:
+            _refuse_packed(module.get_submodule(path), path, label, "widens")
             widen[path] = wider
     for name, patch in conversion.patches.items():
         owner_path, _, param = name.rpartition(".")
         owner = _peft.base_linear(module.get_submodule(owner_path))
+        if param == "weight":
+            _refuse_packed(owner, owner_path, label, "patches the weight of")
         current = getattr(owner, param, None)
         if not isinstance(current, nn.Parameter):
             raise FormatError(f"{label}: {patch.source!r} patches {name}, which is not a parameter")
@@ -199,6 +203,14 @@ def _plan(module: nn.Module, service: LoRAService, fmt: LoRAFormat, conversion: 
             raise ShapeError(f"{patch.source!r} → {name}: the parameter is {list(current.shape)}, "
                              f"the file holds {list(patch.value.shape)}", path=label)
     return _Plan(conversion=conversion, format=fmt.name, label=label, widen=widen)
+
+
+def _refuse_packed(layer: nn.Module, path: str, label: str, what: str) -> None:
+    if isinstance(layer, PackedLinear):
+        raise LoRAError(
+            f"{label} {what} {path}, whose weight stays packed ({layer.codec.name}, quantized): a file that "
+            "changes a base weight needs a dense model (weights.convert the quantized file to a diffusers "
+            "folder with a --dtype, then from_pretrained)")
 
 
 def load_adapter(
