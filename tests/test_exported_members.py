@@ -420,6 +420,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "fill_scaled_fp8",
         "is_gguf",
         "packed_linears",
+        "quantized_weight",
         "read_gguf",
         "row_wise",
         "scaled_fp8_export",

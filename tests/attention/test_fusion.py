@@ -402,3 +402,18 @@ def test_context_parallelism_runs_fused() -> None:
     parallel.disable(model)
     attention.unfuse_qkv(model)
     assert torch.equal(_run(model, inputs), expected)
+
+
+def test_fuse_refuses_projections_whose_weight_torchao_quantized_and_changes_nothing() -> None:
+    pytest.importorskip("torchao.quantization")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from diffcaps import quantization
+
+    model, inputs = _flux()
+    quantization.enable(model, Int8WeightOnlyConfig())
+    expected = _run(model, inputs)
+    with pytest.raises(AttentionError, match=r"transformer_blocks\.0\.attn\.to_q: its weight is quantized \(Int8Tensor"):
+        attention.fuse_qkv(model)
+    assert not attention.qkv_fused(model) and not _fused_names(model)
+    assert torch.equal(_run(model, inputs), expected)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from diffcaps import quantization
-from diffcaps.errors import QuantizationError
+from diffcaps import attention, casting, lora, offload, quantization
+from diffcaps.errors import CastingError, LoRAError, QuantizationError
+from diffcaps.io import save_safetensors
 from diffcaps.models.flux import FluxTransformer2DModel
+from diffcaps.offload import GroupOffloadingConfig
 from diffcaps.quantization.spec import packed_linears
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model
+from tests.lora._files import diffusers_style
 
 torchao_quantization = pytest.importorskip("torchao.quantization")
 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
@@ -113,3 +117,90 @@ def test_without_torchao_a_named_error_says_what_to_install(monkeypatch: pytest.
     with pytest.raises(QuantizationError, match=r'pip install "diffcaps\[torchao\]"'):
         quantization.enable(model, Int8WeightOnlyConfig())
     assert not list(packed_linears(model)) and quantization.active(model) is None
+
+
+def _adapter_file(folder: Path) -> Path:
+    file = diffusers_style(seeded_model(TINY), seed=3, key=lambda p: f"transformer.{p}", alpha_every=3)
+    return save_safetensors(file.tensors, folder / "adapter.safetensors")
+
+
+def test_enable_is_refused_while_lora_adapters_are_loaded(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    lora.load_adapter(model, _adapter_file(tmp_path))
+    expected = _run(model)
+    with pytest.raises(QuantizationError, match=r"LoRA adapter\(s\) 'default' are loaded"):
+        quantization.enable(model, Int8WeightOnlyConfig())
+    assert not _quantized(model) and quantization.active(model) is None
+    assert torch.equal(_run(model), expected)
+
+
+def test_lora_loaded_after_torchao_equals_torchao_by_hand_plus_the_adapter(tmp_path: Path) -> None:
+    path = _adapter_file(tmp_path)
+    model = seeded_model(TINY)
+    quantization.enable(model, Int8WeightOnlyConfig())
+    lora.load_adapter(model, path)
+    # By hand: the adapter on the dense model, then torchao on the base layers alone.
+    expected = seeded_model(TINY)
+    lora.load_adapter(expected, path)
+    quantize_(expected, Int8WeightOnlyConfig(), filter_fn=lambda m, n: (
+        isinstance(m, nn.Linear) and not set(KEPT) & set(n.split(".")) and not {"lora_A", "lora_B"} & set(n.split("."))))
+    out = _run(model)
+    assert torch.equal(out, _run(expected))
+    assert not any({"lora_A", "lora_B"} & set(name.split(".")) for name in _quantized(model))
+    dense_adapter = seeded_model(TINY)
+    lora.load_adapter(dense_adapter, path)
+    by_hand, _ = _by_hand(Int8WeightOnlyConfig())
+    assert not torch.equal(out, _run(by_hand))  # the adapter acts
+    assert ((out - _run(dense_adapter)).norm() / _run(dense_adapter).norm()).item() < 0.1
+    with pytest.raises(LoRAError, match=r"whose weights torchao quantized .*keep the adapter unfused"):
+        lora.fuse(model)
+    assert torch.equal(_run(model), out)
+    lora.unload(model)
+    assert torch.equal(_run(model), _run(by_hand))
+
+
+def test_enable_is_refused_while_qkv_projections_are_fused() -> None:
+    model = seeded_model(TINY)
+    attention.fuse_qkv(model)
+    expected = _run(model)
+    with pytest.raises(QuantizationError, match=r"QKV projections are fused; call diffcaps\.attention\.unfuse_qkv"):
+        quantization.enable(model, Int8WeightOnlyConfig())
+    assert not _quantized(model) and quantization.active(model) is None and attention.qkv_fused(model)
+    assert torch.equal(_run(model), expected)
+
+
+@pytest.mark.parametrize("kind", ["block_level", "leaf_level"])
+@pytest.mark.parametrize("first", ["torchao", "offload"])
+def test_group_offloading_and_torchao_work_in_either_order(kind: Any, first: str) -> None:
+    expected = _run(_by_hand(Int8WeightOnlyConfig())[0])
+    model = seeded_model(TINY)
+    config = GroupOffloadingConfig(onload_device="cpu", offload_type=kind)
+    if first == "torchao":
+        quantization.enable(model, Int8WeightOnlyConfig())
+        offload.enable(model, config)
+    else:
+        offload.enable(model, config)
+        quantization.enable(model, Int8WeightOnlyConfig())
+    assert torch.equal(_run(model), expected)
+    offload.disable(model)
+    assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_q").weight, TorchAOBaseTensor)
+    assert torch.equal(_run(model), expected)
+
+
+def test_layerwise_casting_and_torchao_refuse_each_other() -> None:
+    model = seeded_model(TINY)
+    quantization.enable(model, Int8WeightOnlyConfig())
+    expected = _run(model)
+    with pytest.raises(CastingError, match=r"cannot cast quantized parameter transformer_blocks\.0\..*weight \(Int8Tensor\)"):
+        casting.enable(model, casting.LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn))
+    assert casting.active(model) is None and torch.equal(_run(model), expected)
+
+    model = seeded_model(TINY)
+    casting.enable(model, casting.LayerwiseCastingConfig(storage_dtype=torch.float8_e4m3fn))
+    cast = _run(model)
+    stored = {name: (p.dtype, p.detach().clone()) for name, p in model.named_parameters()}
+    with pytest.raises(QuantizationError, match=r"layerwise casting is enabled .*diffcaps\.casting\.disable"):
+        quantization.enable(model, Int8WeightOnlyConfig())
+    assert not _quantized(model) and quantization.active(model) is None
+    assert all(p.dtype == stored[n][0] and torch.equal(p, stored[n][1]) for n, p in model.named_parameters())
+    assert torch.equal(_run(model), cast)

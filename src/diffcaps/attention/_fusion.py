@@ -32,6 +32,7 @@ from diffcaps.protocols import (
     supports_lora,
     unwrap_compiled,
 )
+from diffcaps.quantization.spec import quantized_weight
 from diffcaps.slots import InstanceSlot
 
 __all__ = ["fuse_qkv", "qkv_fused", "unfuse_qkv"]
@@ -91,6 +92,9 @@ def _linear(path: str, found: object) -> nn.Linear:
         raise AttentionError(f"cannot fuse {path}: it is {kind}, not a plain torch.nn.Linear (QKV fusion "
                              "concatenates the weights of plain linear layers)")
     assert isinstance(found, nn.Linear)
+    if quantized_weight(found):
+        raise AttentionError(f"cannot fuse {path}: its weight is quantized ({type(found.weight).__qualname__}, "
+                             "torchao's, say), not a plain tensor; fuse before quantizing, or run unfused")
     hooked = hook_names(found)
     if hooked:
         raise AttentionError(f"cannot fuse {path}: hooks {', '.join(hooked)} are on it; remove them first")
@@ -210,7 +214,7 @@ def fuse_qkv(model: SupportsAttention) -> None:
     Outputs stay the same (within float rounding); ``state_dict()`` keeps the unfused layout.
     Refused with :class:`~diffcaps.errors.AttentionError`, before anything changes, while LoRA
     adapters are loaded, group offloading or layerwise casting is enabled, or a projection is
-    not a plain ``nn.Linear`` (a quantized one, say). A model whose attention row declares no
+    not a plain ``nn.Linear`` with a plain weight (a packed or torchao one). A model whose attention row declares no
     fusion raises :class:`~diffcaps.errors.CapabilityError`. Fusing a fused model does nothing.
     """
     module, fusion = _fusion(model)

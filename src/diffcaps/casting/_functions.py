@@ -99,6 +99,9 @@ def enable(model: SupportsLayerwiseCasting, config: LayerwiseCastingConfig | Non
         for name, param in layer.named_parameters(recurse=False):
             if not param.dtype.is_floating_point:
                 raise CastingError(f"cannot cast non-float parameter {layer_name}.{name} ({param.dtype})")
+            if type(param) not in (torch.Tensor, nn.Parameter):  # torchao's quantized weights, say
+                raise CastingError(f"cannot cast quantized parameter {layer_name}.{name} "
+                                   f"({type(param).__qualname__}): it is not a plain tensor")
     for _, layer in layers:
         add_hook(layer, HOOK_NAME, CastHook(config.storage_dtype, compute))
     _SLOT.set(module, _Cast(config=config, layers=[layer for _, layer in layers]))

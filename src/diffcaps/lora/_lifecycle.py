@@ -24,7 +24,7 @@ from diffcaps.io import save_safetensors
 from diffcaps.lora import _peft
 from diffcaps.lora._state import SLOT, LoRAState, Widening, check_prefixes, weight_for
 from diffcaps.protocols import SupportsLoRA, require
-from diffcaps.quantization.spec import PackedLinear
+from diffcaps.quantization.spec import PackedLinear, quantized_weight
 
 __all__ = [
     "AdapterWeight",
@@ -216,6 +216,13 @@ def _refuse_packed(module: nn.Module, paths: Sequence[str]) -> None:
     """Fusing needs a dense base weight: refuse (before any change) layers whose weight is packed."""
     packed = [path for path in paths if isinstance(getattr(_peft.layer_at(module, path), "base_layer", None),
                                                    PackedLinear)]
+    torchao = [path for path in paths
+               if path not in packed and quantized_weight(_peft.layer_at(module, path).base_layer)]
+    if torchao:
+        raise LoRAError(
+            f"cannot fuse into {len(torchao)} layer(s) whose weights torchao quantized ({', '.join(torchao[:5])}"
+            f"{', …' if len(torchao) > 5 else ''}): keep the adapter unfused (it runs beside the quantized "
+            "weight at every call)")
     if packed:
         raise LoRAError(
             f"cannot fuse into {len(packed)} quantized layer(s) whose weights stay packed ({', '.join(packed[:5])}"

@@ -10,7 +10,14 @@ import attrs
 from torch import Tensor, nn
 
 from diffcaps.errors import QuantizationError
-from diffcaps.protocols import SupportsQuantization, require
+from diffcaps.protocols import (
+    SupportsQuantization,
+    require,
+    supports_attention,
+    supports_group_offloading,
+    supports_layerwise_casting,
+    supports_lora,
+)
 from diffcaps.quantization._packed import PackedLinear, packed_linears
 from diffcaps.quantization._torchao import TORCHAO_STATE, TorchaoState, apply_torchao, torchao_module, torchao_targets
 
@@ -54,7 +61,10 @@ def enable(model: SupportsQuantization, config: AOBaseConfig) -> None:
     Only plain ``nn.Linear`` layers outside the modules the model keeps (its ``quantization``
     row) are quantized; packed layers from a GGUF or scaled-fp8 file are left as they are.
     The change is one-way (see :func:`disable`). A config torchao cannot run on this device
-    is a ``QuantizationError`` and leaves the model as it was; so is a missing torchao.
+    is a ``QuantizationError`` and leaves the model as it was; so is a missing torchao. Refused
+    (before anything changes) while LoRA adapters are loaded (load them after ``enable``: they
+    run over the torchao weights), while QKV projections are fused or layerwise casting is on;
+    group offloading may be on.
     """
     module, service = require(model, "quantization")
     if "torchao" not in service.schemes:
@@ -68,6 +78,7 @@ def enable(model: SupportsQuantization, config: AOBaseConfig) -> None:
     if TORCHAO_STATE.get(module) is not None:
         raise QuantizationError(f"{type(model).__name__} is already quantized by torchao "
                                 f"({type(config).__name__} cannot be applied on top); load the model again")
+    _refuse_busy(module, "quantize with torchao", casting=True, fused=True)
     targets = torchao_targets(module, service)
     if not targets:
         raise QuantizationError(f"{type(model).__name__} has no linear layer torchao may quantize "
@@ -80,23 +91,60 @@ def disable(model: SupportsQuantization) -> None:
     """Turn packed layers (GGUF, scaled fp8) back into plain ``nn.Linear`` layers in their compute dtype.
 
     The outputs do not change (a packed layer computes with exactly that decoded weight); memory
-    grows to the dense size. torchao quantization is one-way: torchao keeps no original weights,
-    so a model it quantized is refused with a ``QuantizationError`` (load the model again instead).
+    grows to the dense size, and ``requires_grad`` stays as the packed layer had it (off). Every
+    layer is decoded before any is swapped. Refused with a ``QuantizationError``, before anything
+    changes, while LoRA adapters are loaded, group offloading or layerwise casting is on (each holds
+    the packed layers); torchao quantization is one-way: torchao keeps no original weights, so a
+    model it quantized is refused too (load the model again instead).
     """
     module, _ = require(model, "quantization")
     state = TORCHAO_STATE.get(module)
     if state is not None:
         raise QuantizationError(f"torchao quantization ({type(state.config).__name__}) is one-way: the original "
                                 "weights are gone; load the model again for unquantized weights")
-    for name, layer in list(packed_linears(module)):
-        module.set_submodule(name, _dense(layer))
+    _refuse_busy(module, "decode packed layers", offloading=True, casting=True)
+    dense = [(name, _dense(layer)) for name, layer in packed_linears(module)]
+    for name, layer in dense:
+        module.set_submodule(name, layer)
+
+
+def _refuse_busy(module: nn.Module, doing: str, *, offloading: bool = False, casting: bool = False,
+                 fused: bool = False) -> None:
+    """Refuse while LoRA adapters, and the features named, hold or hook the layers about to change."""
+    if supports_lora(module):
+        from diffcaps import lora
+
+        names = lora.list_adapters(module)
+        if names:
+            raise QuantizationError(f"cannot {doing} while LoRA adapter(s) {', '.join(map(repr, names))} are loaded "
+                                    "(their layers wrap the linear layers); unload them first (diffcaps.lora.unload)")
+    if offloading and supports_group_offloading(module):
+        from diffcaps import offload
+
+        if offload.active(module) is not None:
+            raise QuantizationError(f"cannot {doing} while group offloading is enabled (its groups hold the "
+                                    "layers' tensors); call diffcaps.offload.disable(model) first")
+    if casting and supports_layerwise_casting(module):
+        from diffcaps import casting as layerwise
+
+        if layerwise.active(module) is not None:
+            raise QuantizationError(f"cannot {doing} while layerwise casting is enabled (its hooks hold the "
+                                    "layers' weights); call diffcaps.casting.disable(model) first")
+    if fused and supports_attention(module):
+        from diffcaps import attention
+
+        if attention.qkv_fused(module):
+            raise QuantizationError(f"cannot {doing} while QKV projections are fused; call "
+                                    "diffcaps.attention.unfuse_qkv(model) first (a torchao model runs unfused: "
+                                    "fuse_qkv refuses quantized projections)")
 
 
 def _dense(layer: PackedLinear) -> nn.Linear:
     weight = layer.dense_weight()
+    grad = layer.weight.requires_grad
     bias: Tensor | None = dict(layer.named_parameters(recurse=False)).get("bias")
     dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    dense.weight = nn.Parameter(weight)
+    dense.weight = nn.Parameter(weight, requires_grad=grad)
     if bias is not None:
-        dense.bias = nn.Parameter(bias.detach().to(weight.dtype))
+        dense.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=bias.requires_grad)
     return dense

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-__all__ = ["PackedLinear", "WeightCodec", "packed_linears"]
+__all__ = ["PackedLinear", "WeightCodec", "packed_linears", "quantized_weight"]
 
 
 class WeightCodec(Protocol):
@@ -69,3 +69,15 @@ def packed_linears(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             yield name, module
+
+
+def quantized_weight(layer: nn.Module) -> bool:
+    """Whether ``layer``'s weight is quantized: packed bytes (a :class:`PackedLinear`) or a tensor subclass (torchao's).
+
+    Features that rewrite a weight's values or storage (QKV fusion, LoRA fuse, layerwise casting)
+    refuse such a layer; a peft layer answers for its base layer.
+    """
+    if isinstance(layer, PackedLinear):
+        return True
+    weight: object = getattr(layer, "weight", None)
+    return isinstance(weight, Tensor) and type(weight) not in (Tensor, nn.Parameter)

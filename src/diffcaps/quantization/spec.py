@@ -9,7 +9,8 @@ on the meta device is filled from one with :func:`fill_from_gguf` (``weights.loa
 ``inspect`` and ``convert`` do this for every model with a weight mapping). ComfyUI's
 scaled-fp8 safetensors files are read with :func:`scaled_fp8_keys` and
 :func:`fill_scaled_fp8` (fp8 bytes kept in a :class:`PackedLinear` whose :class:`ScaledFP8`
-codec holds the scale) and written back with :func:`scaled_fp8_export`.
+codec holds the scale) and written back with :func:`scaled_fp8_export`. :func:`quantized_weight`
+tells whether a layer's weight is quantized (packed or torchao), for features that must refuse it.
 """
 
 from diffcaps.quantization._gguf_file import (
@@ -27,6 +28,7 @@ from diffcaps.quantization._packed import (
     PackedLinear as PackedLinear,
     WeightCodec as WeightCodec,
     packed_linears as packed_linears,
+    quantized_weight as quantized_weight,
 )
 from diffcaps.quantization._scaled_fp8 import (
     ScaledFP8 as ScaledFP8,
@@ -50,6 +52,7 @@ __all__ = [
     "fill_scaled_fp8",
     "is_gguf",
     "packed_linears",
+    "quantized_weight",
     "read_gguf",
     "row_wise",
     "scaled_fp8_export",
