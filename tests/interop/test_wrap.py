@@ -31,15 +31,16 @@ def test_import_diffcaps_does_not_import_diffusers() -> None:
     assert result.stdout.strip() == "False"
 
 
-def test_without_diffusers_the_import_says_what_to_install() -> None:
+@pytest.mark.parametrize("package", ["diffusers", "transformers"])
+def test_without_diffusers_the_import_says_what_to_install(package: str) -> None:
     result = _run(
-        "import sys; sys.modules['diffusers'] = None\n"
+        f"import sys; sys.modules[{package!r}] = None\n"
         "from diffcaps.errors import MissingDependencyError\n"
         "try:\n    import diffcaps.interop.diffusers\n"
         "except MissingDependencyError as error:\n    print(error)\n"
     )
     assert result.returncode == 0, result.stderr
-    assert 'pip install "diffcaps[diffusers]"' in result.stdout
+    assert 'pip install "diffcaps[diffusers]"' in result.stdout and f"({package} is missing)" in result.stdout
 
 
 def test_the_view_shares_the_models_parameters() -> None:

@@ -12,14 +12,16 @@ Importing this module imports diffusers; ``import diffcaps`` does not.
 
 import importlib
 
-try:
-    importlib.import_module("diffusers")
-except ImportError as missing:
-    from diffcaps.errors import MissingDependencyError
+for _package in ("diffusers", "transformers"):  # transformers: the pipelines' text encoders and tokenizers
+    try:
+        importlib.import_module(_package)
+    except ImportError as missing:
+        from diffcaps.errors import MissingDependencyError
 
-    raise MissingDependencyError(
-        'diffcaps.interop.diffusers needs diffusers and transformers: pip install "diffcaps[diffusers]"'
-    ) from missing
+        raise MissingDependencyError(
+            f"diffcaps.interop.diffusers needs diffusers and transformers ({_package} is missing): "
+            'pip install "diffcaps[diffusers]"'
+        ) from missing
 
 from diffcaps.interop.diffusers._cache import cache_config as cache_config
 from diffcaps.interop.diffusers._lora import (

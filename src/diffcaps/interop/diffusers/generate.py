@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Callable, Generator
@@ -417,6 +416,8 @@ def _write(result: Any, target: Path, *, video: bool, fps: int) -> None:
 def _peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB allocated on {device} (torch.cuda)"
+    import resource  # POSIX only; imported where peak memory is read
+
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
     return f"{kilobytes * scale / 1e9:.2f} GB resident (process peak RSS)"
