@@ -95,3 +95,17 @@ def test_flux_image_pipelines(base: Any, tmp_path: Path, pipeline_class: Any, co
     mine = pipeline_class.from_pipe(base, transformer=wrap(model))
     call = {"prompt": "a painting of a tree", **options, **FLUX_CALL}
     assert_same(generate(mine, **call), generate(theirs, **call))
+
+
+def test_flux_control_pipeline_with_a_128_channel_model(tmp_path: Path) -> None:
+    """FLUX.1 Control's shape: 16 latent channels packed 2×2 (64) plus the control image's 64."""
+    from diffcaps.interop.diffusers import tiny_flux_pipeline_folder
+
+    config = attrs.evolve(TINY_FLUX_CONFIG, in_channels=128, out_channels=64)
+    folder = tiny_flux_pipeline_folder(tmp_path / "control", config=config)
+    theirs = FluxControlPipeline.from_pretrained(folder)
+    assert theirs.transformer.config.in_channels == 128 and theirs.vae.config.latent_channels == 16
+    model = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    mine = FluxControlPipeline.from_pretrained(folder, transformer=wrap(model))
+    call = {"prompt": "a painting of a tree", "control_image": _image(5), "guidance_scale": 10.0, **FLUX_CALL}
+    assert_same(generate(mine, **call), generate(theirs, **call))
