@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -15,13 +16,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from diffcaps import cache, casting, offload, parallel, quantization, weights
-from diffcaps.errors import CastingError
+from diffcaps import cache, casting, lora, offload, parallel, quantization, weights
+from diffcaps.errors import CastingError, QuantizationError
+from diffcaps.io import save_safetensors
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.offload import GroupOffloadingConfig
 from diffcaps.parallel import ContextParallelConfig
-from diffcaps.quantization.spec import packed_linears
+from diffcaps.quantization.spec import ScaledFP8, packed_linears
 from tests.flux_fixtures import flux_inputs
+from tests.lora._files import diffusers_style
 from tests.parallel._worker import free_port
 from tests.quantization.gguf_files import flux_gguf, mixed_types
 from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES
@@ -147,3 +150,81 @@ def test_context_parallelism_on_two_ranks_equals_one_process(packed_file: tuple[
         pass
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-5)
+
+
+def _packed_state(model: nn.Module) -> dict[str, tuple[type, torch.dtype]]:
+    return {name: (type(layer), layer.weight.dtype) for name, layer in model.named_modules()
+            if isinstance(layer, nn.Linear)}
+
+
+def test_disable_is_refused_while_features_hold_the_packed_layers(packed_file: tuple[str, Path],
+                                                                   tmp_path: Path) -> None:
+    kind, path = packed_file
+    model = _load(path)
+    expected = _run(model, CONFIGS[kind])
+    before = _packed_state(model)
+    offload.enable(model, GroupOffloadingConfig(onload_device="cpu", offload_type="block_level"))
+    with pytest.raises(QuantizationError, match=r"group offloading is enabled .*diffcaps\.offload\.disable"):
+        quantization.disable(model)
+    assert torch.equal(_run(model, CONFIGS[kind]), expected)
+    offload.disable(model)
+    assert _packed_state(model) == before
+    skip = tuple(f"^{re.escape(name)}$" for name, _ in packed_linears(model))
+    casting.enable(model, casting.LayerwiseCastingConfig(storage_dtype=torch.bfloat16, skip_patterns=skip))
+    cast = _run(model, CONFIGS[kind])
+    with pytest.raises(QuantizationError, match=r"layerwise casting is enabled .*diffcaps\.casting\.disable"):
+        quantization.disable(model)
+    assert torch.equal(_run(model, CONFIGS[kind]), cast)
+    casting.disable(model)
+    assert _packed_state(model) == before
+    adapter = diffusers_style(model, seed=3, key=lambda p: f"transformer.{p}", alpha_every=3)
+    lora.load_adapter(model, save_safetensors(adapter.tensors, tmp_path / "adapter.safetensors"))
+    with_adapter = _run(model, CONFIGS[kind])
+    with pytest.raises(QuantizationError, match=r"LoRA adapter\(s\) 'default' are loaded .*diffcaps\.lora\.unload"):
+        quantization.disable(model)
+    assert torch.equal(_run(model, CONFIGS[kind]), with_adapter)
+    lora.unload(model)
+    assert _packed_state(model) == before
+
+
+def test_disable_decodes_every_layer_before_swapping_any(packed_file: tuple[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path = packed_file
+    model = _load(path)
+    before = _packed_state(model)
+    name, last = list(packed_linears(model))[-1]
+
+    def broken(dtype: torch.dtype | None = None) -> Tensor:
+        raise RuntimeError(f"cannot decode {name}")
+
+    monkeypatch.setattr(last, "dense_weight", broken)
+    with pytest.raises(RuntimeError, match="cannot decode"):
+        quantization.disable(model)
+    assert _packed_state(model) == before
+
+
+def test_disabled_layers_keep_requires_grad_off(packed_file: tuple[str, Path]) -> None:
+    _, path = packed_file
+    model = _load(path)
+    names = [name for name, _ in packed_linears(model)]
+    quantization.disable(model)
+    for name in names:
+        layer = model.get_submodule(name)
+        assert not any(p.requires_grad for p in layer.parameters()), name
+
+
+def test_a_scaled_fp8_scale_is_placed_once_on_the_weight_device(tmp_path: Path) -> None:
+    model = _load(_write("scaled_fp8", tmp_path))
+    name, layer = next(iter(packed_linears(model)))
+    codec = layer.codec
+    assert isinstance(codec, ScaledFP8) and codec.scale_weight.device.type == "cpu"
+    model.to(torch.bfloat16)  # the packed bytes and the scale the file stored are left as they are
+    assert layer.weight.dtype == torch.uint8 and codec.scale_weight.dtype == torch.float32
+    model.to("meta")  # stands in for a GPU: the weight moves, the codec places its scale there
+    weight = layer.dense_weight()
+    assert weight.device.type == "meta" and weight.shape == layer.weight_shape, name
+    scale = codec.scale_on(layer.weight.device)
+    assert scale.device.type == "meta" and scale.dtype == torch.float32
+    layer.dense_weight()
+    assert codec.scale_on(layer.weight.device) is scale  # reused by every later call, not copied again
+    assert codec.scale_weight.device.type == "cpu"  # the stored scale (for export) stays where it was

@@ -49,12 +49,16 @@ def _optional_scalar(value: Tensor | None) -> Tensor | None:
 class ScaledFP8:
     """The codec of one scaled-fp8 layer: weight = fp8 bytes · ``scale_weight``.
 
-    The scales are kept as the file stored them (dtype and shape), so a saved file has them back.
+    The scales are kept as the file stored them (dtype and shape, on the CPU), so a saved file has
+    them back; the float32 scale a decode multiplies by is placed once on each device a weight is
+    decoded on (:meth:`scale_on`), so a model moved to a GPU copies no scale per call.
     """
 
     scale_weight: Tensor = attrs.field(converter=_scalar, eq=False)
     scale_input: Tensor | None = attrs.field(default=None, converter=_optional_scalar, eq=False)
     fp8: torch.dtype = torch.float8_e4m3fn
+    _placed: dict[torch.device, Tensor] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+    """``scale_weight`` in float32 on each device a weight was decoded on, copied there once."""
 
     @property
     def name(self) -> str:
@@ -64,7 +68,14 @@ class ScaledFP8:
     def decode(self, packed: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
         """``fp8 · scale`` computed in float32, then cast to ``dtype``."""
         weight = packed.view(self.fp8).reshape(shape).to(torch.float32)
-        return (weight * self.scale_weight.to(device=weight.device, dtype=torch.float32)).to(dtype)
+        return (weight * self.scale_on(weight.device)).to(dtype)
+
+    def scale_on(self, device: torch.device) -> Tensor:
+        """``scale_weight`` in float32 on ``device``: copied there on first use, then reused by every call."""
+        scale = self._placed.get(device)
+        if scale is None:
+            scale = self._placed[device] = self.scale_weight.to(device=device, dtype=torch.float32)
+        return scale
 
 
 @final
