@@ -24,7 +24,7 @@ import attrs
 from diffcaps.errors import CapabilityError, CheckpointError, DiffcapsError
 from diffcaps.io import SafetensorsHeader, TensorInfo, expected_tensors, read_header
 from diffcaps.weights._service import Identification, WeightMapper
-from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
+from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs, is_gguf
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
     Recognisers are tried in order until one matches; those that did not match before it
     keep their reasons, shown when nothing matches.
     """
-    if _is_gguf(path):
+    if is_gguf(path):
         return _inspect_gguf(path, recognisers)
     header = read_header(path)
     counts = Counter(_dtype_name(info.dtype) for info in header.tensors.values())
@@ -182,12 +182,6 @@ def _recognise(header: SafetensorsHeader, recognisers: Sequence[Recogniser]) -> 
         if recognitions[-1].matched:
             break
     return recognitions
-
-
-def _is_gguf(path: str | os.PathLike[str]) -> bool:
-    from diffcaps.quantization.spec import is_gguf
-
-    return is_gguf(path)
 
 
 # (class, words in an original-layout name that put a tensor in it), tried in order

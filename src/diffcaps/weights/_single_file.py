@@ -232,7 +232,7 @@ def load_single_file(
     warns with an :class:`UnexpectedTensorsWarning`. A ComfyUI scaled-fp8 file keeps its fp8
     linear weights fp8 in memory, computing in ``torch_dtype`` (see :mod:`diffcaps.quantization`).
     """
-    if _is_gguf(path):
+    if is_gguf(path):
         return _load_gguf(cls, path, variant=variant, torch_dtype=torch_dtype, device=device, strict=strict)
     model_class, mapper = class_mapper(cls)
     where = str(path)
@@ -281,10 +281,11 @@ def _with_scaled_fp8(module: torch.nn.Module, plan: MappingPlan, slots: list[Ten
     return scaled_fp8_export(module, plan.steps, slots, tensors, prefix=prefix, where=where)
 
 
-def _is_gguf(path: str | os.PathLike[str]) -> bool:
-    from diffcaps.quantization.spec import is_gguf
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a GGUF file (by name or magic); quantization imports weights, so this defers."""
+    from diffcaps.quantization.spec import is_gguf as gguf_file
 
-    return is_gguf(path)
+    return gguf_file(path)
 
 
 def _load_gguf(
