@@ -54,10 +54,14 @@ class FluxCapabilities(Capabilities):
     context_parallel: ContextParallelPlan = capability(FLUX_CONTEXT_PARALLEL)
     weight_mapping: WeightMapper = capability(FLUX_WEIGHTS)
     lora: LoRAService = capability(FLUX_LORA)
-    quantization: QuantizationSupport = capability(QuantizationSupport(keep=ModuleNames(("x_embedder", "context_embedder", "time_text_embed", "norm_out"))))
+    quantization: QuantizationSupport = capability(
+        QuantizationSupport(keep=ModuleNames(("x_embedder", "context_embedder", "time_text_embed", "norm_out")))
+    )
     cache: CacheSupport = capability(FLUX_CACHE)
     ip_adapter: FluxIPAdapter = capability(FLUX_IP_ADAPTER)
-    attention: AttentionSupport = capability(AttentionSupport(modules=ModuleTypes((FluxAttention,)), qkv_fusion=FLUX_QKV_FUSION))
+    attention: AttentionSupport = capability(
+        AttentionSupport(modules=ModuleTypes((FluxAttention,)), qkv_fusion=FLUX_QKV_FUSION)
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -60,7 +60,9 @@ class WanCapabilities(Capabilities):
     )
     weight_mapping: WeightMapper = capability(WAN_WEIGHTS)
     lora: LoRAService = capability(WAN_LORA)
-    quantization: QuantizationSupport = capability(QuantizationSupport(keep=ModuleNames(("patch_embedding", "condition_embedder", "norm_out", "proj_out"))))
+    quantization: QuantizationSupport = capability(
+        QuantizationSupport(keep=ModuleNames(("patch_embedding", "condition_embedder", "norm_out", "proj_out")))
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
