@@ -67,13 +67,6 @@ def check_gguf_types(file: GGUFFile, names: Iterable[str]) -> None:
             f"{', '.join(SUPPORTED_TYPES)}", path=file.path)
 
 
-def _linear_weight(model: nn.Module, key: str, support: QuantizationSupport | None) -> str | None:
-    owner, _, name = key.rpartition(".")
-    if support is None or "gguf" not in support.schemes or name != "weight":
-        return None
-    return owner if type(model.get_submodule(owner)) is nn.Linear else None
-
-
 def fill_from_gguf(
     model: nn.Module,
     steps: Iterable[PlanStep],
@@ -101,7 +94,7 @@ def fill_from_gguf(
         if not wanted:
             continue
         infos = [file.tensors[s] for s in step.sources]
-        owners = {name: _linear_weight(model, name, support) for name in wanted}
+        owners = {name: None if support is None else support.packable(model, name, "gguf") for name in wanted}
         packable = all(info.packed and len(info.shape) == 2 for info in infos) and all(owners.values())
         if packable and row_wise(step.transform):
             _place_packed(model, step, file, owners, torch_dtype=torch_dtype, device=target, keep_fp32=keep_fp32)

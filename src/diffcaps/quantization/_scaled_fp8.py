@@ -142,13 +142,6 @@ def scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
     return ScaledFP8Keys(marker=markers[0], scales=scales, inputs=_scale_keys(header, "scale_input", fp8))
 
 
-def _owner(model: nn.Module, key: str, support: QuantizationSupport | None) -> str | None:
-    owner, _, name = key.rpartition(".")
-    if support is None or "scaled_fp8" not in support.schemes or name != "weight":
-        return None
-    return owner if type(model.get_submodule(owner)) is nn.Linear else None
-
-
 def fill_scaled_fp8(
     model: nn.Module,
     steps: Iterable[PlanStep],
@@ -176,7 +169,7 @@ def fill_scaled_fp8(
             wanted = [name for name in step.targets if name in expected]
             if not wanted:
                 continue
-            owners = {name: _owner(model, name, support) for name in wanted}
+            owners = {name: None if support is None else support.packable(model, name, "scaled_fp8") for name in wanted}
             factors = {(float(scale[s]), float(given[s]) if s in given else None) if s in scale else None
                        for s in step.sources}
             sources = [reader.view(s) for s in step.sources]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final, Literal, final, get_args
 
 import attrs
+from torch import nn
 
 from diffcaps.services import ModuleNames
 
@@ -42,6 +43,16 @@ class QuantizationSupport:
 
     keep: ModuleNames
     schemes: tuple[Scheme, ...] = attrs.field(default=SCHEMES, converter=_schemes)
+
+    def packable(self, model: nn.Module, key: str, scheme: Scheme) -> str | None:
+        """The layer whose weight ``key`` names, when a file in ``scheme`` may keep it packed there.
+
+        That is the weight of a plain ``nn.Linear`` in a model that accepts ``scheme``; else ``None``.
+        """
+        owner, _, name = key.rpartition(".")
+        if scheme not in self.schemes or name != "weight":
+            return None
+        return owner if type(model.get_submodule(owner)) is nn.Linear else None
 
     def entries(self) -> tuple[str, ...]:
         """The schemes, then the kept modules."""
