@@ -155,9 +155,10 @@ def fill_scaled_fp8(
 ) -> None:
     """Load the plan steps whose sources are fp8 weights; the rest of the plan is the caller's.
 
-    A step stays fp8 when every target is the weight of a plain ``nn.Linear``, its sources share one scale, and its transform only moves rows; it then
-    computes in ``torch_dtype`` (float32 when ``None``). Any other is dequantized
-    (``fp8 · scale`` in float32) and lands as an unquantized tensor would.
+    A step stays fp8 when every target is the weight of a plain ``nn.Linear``, its sources
+    share one scale, and its transform only moves rows; it then computes in ``torch_dtype``
+    (float32 when ``None``). Any other is dequantized (``fp8 · scale`` in float32) and lands
+    as an unquantized tensor would.
     """
     expected = expected_tensors(model)
     target = torch.device(device)
