@@ -13,8 +13,8 @@ from diffcaps.io import read_header
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.quantization.spec import GGUFFile, read_gguf
 from diffcaps.weights import convert
-from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types, write_gguf
-from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES
+from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types, wan_gguf, write_gguf
+from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES, WAN, WAN_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,20 @@ def test_inspect_recognises_the_checkpoint_and_lists_types_per_class(
     assert rows["memory"] == (f"about {(packed + 2 * rest) / 1e6:.1f} MB loaded packed (quantized matrices as "
                               f"stored, the rest in bfloat16); {2 * dense / 1e6:.1f} MB dense in bfloat16")
     assert rows["metadata"] == "general.architecture=flux"
+
+
+def test_inspect_groups_tensors_by_the_recognised_models_own_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wan = _rows(wan_gguf(tmp_path / "wan.gguf", WAN, mixed_types(WAN_TYPES)), capsys)
+    assert wan["model"].startswith("WanTransformer3DModel")
+    assert {"MLP", "attention", "embeddings", "modulation", "norms", "output"} <= set(wan)  # ffn, head., …
+    assert "other" not in wan
+    # a file no model recognises is still reported, every tensor in one class
+    unknown = write_gguf(tmp_path / "unknown.gguf", {"net.weight": torch.randn(8, 32), "net.bias": torch.randn(8)},
+                         {"net.weight": "Q8_0", "net.bias": "F32"}, architecture="mine")
+    rows = _rows(unknown, capsys)
+    assert rows["kind"] == "unknown" and rows["other"] == "Q8_0 ×1" and rows["biases"] == "F32 ×1"
 
 
 def test_inspect_names_a_broken_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 
@@ -38,11 +38,16 @@ Row = tuple[str, str]
 @final
 @attrs.frozen(kw_only=True)
 class Recognition:
-    """One recogniser's verdict: ``matched``, and rows describing the file (or why not)."""
+    """One recogniser's verdict: ``matched``, and rows describing the file (or why not).
+
+    ``tensor_classes`` is the recognised model's grouping of its tensor names (its weight
+    mapping's), used to report a quantized file class by class.
+    """
 
     kind: str
     matched: bool
     rows: tuple[Row, ...] = ()
+    tensor_classes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 Recogniser = Callable[[SafetensorsHeader], Recognition]
@@ -128,7 +133,9 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
         return _inspect_gguf(path, recognisers)
     header = read_header(path)
     counts = Counter(_dtype_name(info.dtype) for info in header.tensors.values())
-    weights, quantization = _scaled_fp8(header)
+    weights, scaled = _scaled_fp8(header)
+    recognitions = tuple(_recognise(weights, recognisers))
+    quantization = scaled(_classes(recognitions)) if scaled is not None else ()
     return FileReport(
         path=Path(path),
         file_bytes=header.path.stat().st_size,
@@ -136,43 +143,61 @@ def inspect_file(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]
         parameters=sum(math.prod(info.shape) for info in header.tensors.values()),
         dtypes=tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
         metadata=header.metadata,
-        recognitions=tuple(_recognise(weights, recognisers)),
+        recognitions=recognitions,
         quantization=quantization,
     )
 
 
-def _scaled_fp8(header: SafetensorsHeader) -> tuple[SafetensorsHeader, tuple[Row, ...]]:
-    """(the header the recognisers see, the quantization rows) of a safetensors file.
+_Classes = tuple[tuple[str, tuple[str, ...]], ...]
+_ScaledRows = Callable[[_Classes], tuple[Row, ...]]
+
+
+def _classes(recognitions: Sequence[Recognition]) -> _Classes:
+    """The tensor classes of the model the file was recognised as (none when nothing matched)."""
+    return next((found.tensor_classes for found in recognitions if found.matched), ())
+
+
+def _scaled_fp8(header: SafetensorsHeader) -> tuple[SafetensorsHeader, _ScaledRows | None]:
+    """(the header the recognisers see, what makes the quantization rows) of a safetensors file.
 
     A ComfyUI scaled-fp8 file is shown to the recognisers without its marker and scales (as
-    ``load_single_file`` maps it) and reported with its fp8 weights per tensor class and the
-    memory it takes loaded with the fp8 weights kept; any other file is passed on as it is.
+    ``load_single_file`` maps it) and reported with its fp8 weights per tensor class (the
+    recognised model's) and the memory it takes loaded with the fp8 weights kept; any other
+    file is passed on as it is.
     """
     from diffcaps.quantization.spec import scaled_fp8_keys
 
     try:
         keys = scaled_fp8_keys(header)
     except CheckpointError as exc:  # the marker is there, the structure is not: say why, load will refuse it
-        return header, (("quantized", f"scaled fp8, but {str(exc).removeprefix(f'{header.path}: ')}"),)
+        broken: tuple[Row, ...] = (("quantized", f"scaled fp8, but {str(exc).removeprefix(f'{header.path}: ')}"),)
+        return header, lambda _: broken
     if keys is None:
-        return header, ()
+        return header, None
+    found = keys
     tensors = {name: info for name, info in header.tensors.items() if name not in keys.extra}
-    weights = attrs.evolve(header, tensors=tensors)
-    classes: dict[str, Counter[str]] = {}
-    for name, info in tensors.items():
-        classes.setdefault(_tensor_class(name, len(info.shape)), Counter())[_dtype_name(info.dtype)] += 1
-    fp8 = sum(math.prod(tensors[name].shape) for name in keys.scales)
-    values = sum(math.prod(info.shape) for info in tensors.values())
-    rows: list[Row] = [
-        ("quantized", f"scaled fp8 ({_dtype_name(header.tensors[keys.marker].dtype)}): {len(keys.scales)} fp8 "
-                      f"weight(s) with a scale_weight ({len(keys.inputs)} with a scale_input); "
-                      "dtypes by tensor class:"),
-        *((f"  {label}", ", ".join(f"{kind} ×{count}" for kind, count in counts.most_common()))
-          for label, counts in sorted(classes.items())),
-        ("memory", f"about {human_bytes(fp8 + 2 * (values - fp8))} loaded with the fp8 weights kept (the rest "
-                   f"in bfloat16); {human_bytes(2 * values)} dense in bfloat16"),
-    ]
-    return weights, tuple(rows)
+
+    def rows(known: _Classes) -> tuple[Row, ...]:
+        classes: dict[str, Counter[str]] = {}
+        for name, info in tensors.items():
+            classes.setdefault(_tensor_class(name, len(info.shape), known), Counter())[_dtype_name(info.dtype)] += 1
+        fp8 = sum(math.prod(tensors[name].shape) for name in found.scales)
+        values = sum(math.prod(info.shape) for info in tensors.values())
+        return (
+            ("quantized", f"scaled fp8 ({_dtype_name(header.tensors[found.marker].dtype)}): {len(found.scales)} "
+                          f"fp8 weight(s) with a scale_weight ({len(found.inputs)} with a scale_input); "
+                          "dtypes by tensor class:"),
+            *_class_rows(classes),
+            ("memory", f"about {human_bytes(fp8 + 2 * (values - fp8))} loaded with the fp8 weights kept (the "
+                       f"rest in bfloat16); {human_bytes(2 * values)} dense in bfloat16"),
+        )
+
+    return attrs.evolve(header, tensors=tensors), rows
+
+
+def _class_rows(classes: Mapping[str, Counter[str]]) -> list[Row]:
+    return [(f"  {label}", ", ".join(f"{kind} ×{count}" for kind, count in counts.most_common()))
+            for label, counts in sorted(classes.items())]
 
 
 def _recognise(header: SafetensorsHeader, recognisers: Sequence[Recogniser]) -> list[Recognition]:
@@ -184,19 +209,9 @@ def _recognise(header: SafetensorsHeader, recognisers: Sequence[Recogniser]) -> 
     return recognitions
 
 
-# (class, words in an original-layout name that put a tensor in it), tried in order
-_TENSOR_CLASSES: Final = (
-    ("modulation", ("modulation", "_mod.", "adaLN")),
-    ("norms", ("norm", ".scale")),
-    ("attention", ("attn",)),
-    ("MLP", ("mlp", "ffn", "linear1", "linear2")),
-    ("embeddings", ("_in.", "embed", "time_projection")),
-    ("output", ("final_layer", "head.")),
-)
-
-
-def _tensor_class(name: str, ndim: int) -> str:
-    found = next((label for label, words in _TENSOR_CLASSES if any(w in name for w in words)), "other")
+def _tensor_class(name: str, ndim: int, classes: _Classes) -> str:
+    """The class of tensor ``name`` among the model's ``classes``; a bias outside norms and modulation is a bias."""
+    found = next((label for label, words in classes if any(w in name for w in words)), "other")
     return "biases" if ndim == 1 and name.endswith(".bias") and found not in ("norms", "modulation") else found
 
 
@@ -215,16 +230,15 @@ def _inspect_gguf(path: str | os.PathLike[str], recognisers: Sequence[Recogniser
         data_start=0,
     )
     kinds = Counter(info.kind for info in file.tensors.values())
+    recognitions = tuple(_recognise(header, recognisers))
+    known = _classes(recognitions)
     classes: dict[str, Counter[str]] = {}
     for name, info in file.tensors.items():
-        classes.setdefault(_tensor_class(name, len(info.shape)), Counter())[info.kind] += 1
+        classes.setdefault(_tensor_class(name, len(info.shape), known), Counter())[info.kind] += 1
     values = sum(info.numel for info in file.tensors.values())
     packed = sum(info.nbytes for info in file.tensors.values() if info.packed and len(info.shape) >= 2)
     unpacked = sum(info.numel for info in file.tensors.values() if not (info.packed and len(info.shape) >= 2))
-    rows: list[Row] = [
-        (f"  {label}", ", ".join(f"{kind} ×{count}" for kind, count in counts.most_common()))
-        for label, counts in sorted(classes.items())
-    ]
+    rows = _class_rows(classes)
     rows.append(("memory", f"about {human_bytes(packed + 2 * unpacked)} loaded packed (quantized matrices as "
                            f"stored, the rest in bfloat16); {human_bytes(2 * values)} dense in bfloat16"))
     return FileReport(
@@ -234,7 +248,7 @@ def _inspect_gguf(path: str | os.PathLike[str], recognisers: Sequence[Recogniser
         parameters=values,
         dtypes=tuple(sorted(kinds.items(), key=lambda item: (-item[1], item[0]))),
         metadata=dict(header.metadata),
-        recognitions=tuple(_recognise(header, recognisers)),
+        recognitions=recognitions,
         quantization=(("quantized", f"GGUF, {len(kinds)} type(s) by tensor class:"), *rows),
     )
 
@@ -281,7 +295,7 @@ def checkpoint_recogniser(model_classes: Iterable[type[Any]]) -> Recogniser:
             if layers:
                 rows.append(("layers", layers))
             rows += [("config", _config_row(found.config)), ("fit", _fit(cls, found, mapper, specs, header))]
-            return Recognition(kind="checkpoint", matched=True, rows=tuple(rows))
+            return Recognition(kind="checkpoint", matched=True, rows=tuple(rows), tensor_classes=mapper.tensor_classes)
         return Recognition(kind="checkpoint", matched=False, rows=tuple(reasons))
 
     return recognise

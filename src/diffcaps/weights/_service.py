@@ -184,6 +184,10 @@ def _prefixes(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(value) - {""}, key=len, reverse=True))
 
 
+def _tensor_classes(value: Iterable[tuple[str, Iterable[str]]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((label, tuple(words)) for label, words in value)
+
+
 @final
 @attrs.frozen(kw_only=True)
 class WeightMapper:
@@ -191,7 +195,9 @@ class WeightMapper:
 
     ``family`` names the checkpoints in messages (``"Flux"``); ``prefixes`` are wrappers
     the original layout may carry (``"model.diffusion_model."``); ``layer_counts`` maps a
-    label to the config key that counts those layers, for ``inspect``.
+    label to the config key that counts those layers, for ``inspect``; ``tensor_classes``
+    are (label, words), tried in order: a tensor whose original-layout name holds one of the
+    words is in that class when ``inspect`` reports a quantized file's types class by class.
     """
 
     family: str
@@ -199,6 +205,7 @@ class WeightMapper:
     variants: tuple[WeightVariant, ...] = attrs.field(validator=_check_variants)
     prefixes: tuple[str, ...] = attrs.field(default=(), converter=_prefixes)
     layer_counts: Mapping[str, str] = attrs.field(factory=dict, converter=_labels, eq=False, hash=False)
+    tensor_classes: tuple[tuple[str, tuple[str, ...]], ...] = attrs.field(default=(), converter=_tensor_classes)
     _to_model: _Index = attrs.field(
         init=False, repr=False, eq=False, default=attrs.Factory(lambda m: _index(m.rules, "to_model"), takes_self=True)
     )

@@ -128,6 +128,14 @@ FLUX_WEIGHTS: Final = WeightMapper(
     rules=_RULES,
     prefixes=("model.diffusion_model.", "diffusion_model."),
     layer_counts={"double blocks": "num_layers", "single blocks": "num_single_layers"},
+    tensor_classes=(
+        ("modulation", ("_mod.", "modulation")),
+        ("norms", ("norm", ".scale")),
+        ("attention", ("attn",)),
+        ("MLP", ("mlp", "linear1", "linear2")),
+        ("embeddings", ("_in.",)),
+        ("output", ("final_layer",)),
+    ),
     variants=(
         WeightVariant(
             name="flux-dev",

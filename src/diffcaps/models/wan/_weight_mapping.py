@@ -134,6 +134,14 @@ WAN_WEIGHTS: Final = WeightMapper(
     rules=_RULES,
     prefixes=("model.diffusion_model.", "diffusion_model."),
     layer_counts={"blocks": "num_layers"},
+    tensor_classes=(
+        ("modulation", ("modulation",)),
+        ("norms", ("norm",)),
+        ("attention", ("attn",)),
+        ("MLP", ("ffn",)),
+        ("embeddings", ("embedding", "time_projection", "img_emb")),
+        ("output", ("head.",)),
+    ),
     variants=(
         WeightVariant(
             name="wan-flf2v",
