@@ -23,14 +23,8 @@ from diffcaps.io import read_header
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.models.flux._weight_mapping import rope_axes
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from diffcaps.quantization.spec import (
-    PackedLinear,
-    QuantizationSupport,
-    fill_from_gguf,
-    packed_linears,
-    read_gguf,
-    row_wise,
-)
+from diffcaps.quantization.spec import PackedLinear, QuantizationSupport, packed_linears
+from diffcaps.quantization.files import fill_from_gguf, read_gguf, row_wise
 from diffcaps.services import ModuleNames
 from diffcaps.weights import UnexpectedTensorsWarning, load_single_file, save_single_file
 from diffcaps.weights.spec import SWAP_HALVES, Inverted, Split, Transform

@@ -50,7 +50,7 @@ from diffcaps.weights._single_file import (
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
-    from diffcaps.quantization.spec import GGUFFile
+    from diffcaps.quantization.files import GGUFFile
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -234,7 +234,7 @@ def convert(
         path=str(source), strict=strict,
     )
     if gguf is not None:
-        from diffcaps.quantization.spec import check_gguf_types
+        from diffcaps.quantization.files import check_gguf_types
 
         check_gguf_types(gguf, [source for step in first.steps for source in step.sources])
     tensors = _Tensors(where) if gguf is None else _GGUFTensors(gguf)
@@ -265,7 +265,7 @@ def convert(
 
 def _gguf(source: Path) -> GGUFFile | None:
     """The GGUF file ``source`` is, or ``None`` when it is not one."""
-    from diffcaps.quantization.spec import is_gguf, read_gguf
+    from diffcaps.quantization.files import is_gguf, read_gguf
 
     return read_gguf(source) if is_gguf(source) else None
 

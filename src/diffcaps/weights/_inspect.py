@@ -165,7 +165,7 @@ def _scaled_fp8(header: SafetensorsHeader) -> tuple[SafetensorsHeader, _ScaledRo
     recognised model's) and the memory it takes loaded with the fp8 weights kept; any other
     file is passed on as it is.
     """
-    from diffcaps.quantization.spec import scaled_fp8_keys
+    from diffcaps.quantization.files import scaled_fp8_keys
 
     try:
         keys = scaled_fp8_keys(header)
@@ -217,7 +217,7 @@ def _tensor_class(name: str, ndim: int, classes: _Classes) -> str:
 
 def _inspect_gguf(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]) -> FileReport:
     """A GGUF file described from its header: recognised as a checkpoint would be, with its types per class."""
-    from diffcaps.quantization.spec import read_gguf
+    from diffcaps.quantization.files import read_gguf
 
     file = read_gguf(path)
     specs = file.specs()

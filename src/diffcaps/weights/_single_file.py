@@ -39,7 +39,8 @@ from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
     from diffcaps.model import Model
-    from diffcaps.quantization.spec import PackedLinear, ScaledFP8Keys
+    from diffcaps.quantization.files import ScaledFP8Keys
+    from diffcaps.quantization.spec import PackedLinear
 
 __all__ = [
     "UnexpectedTensorsWarning",
@@ -254,7 +255,7 @@ def load_single_file(
 
 
 def _scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
-    from diffcaps.quantization.spec import scaled_fp8_keys
+    from diffcaps.quantization.files import scaled_fp8_keys
 
     return scaled_fp8_keys(header)
 
@@ -262,8 +263,8 @@ def _scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
 def _fill_scaled_fp8(model: Model[Any], plan: MappingPlan, header: SafetensorsHeader, keys: ScaledFP8Keys, *,
                      torch_dtype: torch.dtype | None, device: str | torch.device) -> None:
     """:func:`fill_from_file` for a ComfyUI scaled-fp8 file: the steps that read fp8 weights go
-    through :func:`diffcaps.quantization.spec.fill_scaled_fp8` (kept fp8 where the layer allows)."""
-    from diffcaps.quantization.spec import fill_scaled_fp8
+    through :func:`diffcaps.quantization.files.fill_scaled_fp8` (kept fp8 where the layer allows)."""
+    from diffcaps.quantization.files import fill_scaled_fp8
 
     fp8 = tuple(step for step in plan.steps if any(source in keys.scales for source in step.sources))
     rest = attrs.evolve(plan, steps=tuple(step for step in plan.steps if step not in fp8))
@@ -276,14 +277,14 @@ def _with_scaled_fp8(module: torch.nn.Module, plan: MappingPlan, slots: list[Ten
                      tensors: Iterator[tuple[str, Tensor]], *, prefix: str,
                      where: str) -> tuple[list[TensorSlot], Iterator[tuple[str, Tensor]]]:
     """The slots and tensors to write, with any scaled-fp8 layers written back in their format."""
-    from diffcaps.quantization.spec import scaled_fp8_export
+    from diffcaps.quantization.files import scaled_fp8_export
 
     return scaled_fp8_export(module, plan.steps, slots, tensors, prefix=prefix, where=where)
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a GGUF file (by name or magic); quantization imports weights, so this defers."""
-    from diffcaps.quantization.spec import is_gguf as gguf_file
+    from diffcaps.quantization.files import is_gguf as gguf_file
 
     return gguf_file(path)
 
@@ -299,7 +300,7 @@ def _load_gguf(
 ) -> M:
     """:func:`load_single_file` for a GGUF file: identified and checked the same way, but its
     block-quantized linear weights stay packed (see :mod:`diffcaps.quantization`)."""
-    from diffcaps.quantization.spec import check_gguf_types, fill_from_gguf, read_gguf
+    from diffcaps.quantization.files import check_gguf_types, fill_from_gguf, read_gguf
 
     model_class, mapper = class_mapper(cls)
     where = str(path)
@@ -428,6 +429,7 @@ def save_single_file(
 
 def _decoded_weights(module: torch.nn.Module) -> dict[str, PackedLinear]:
     """Weight key → layer, for the packed layers written decoded (all but scaled fp8, written as it is)."""
-    from diffcaps.quantization.spec import ScaledFP8, packed_linears
+    from diffcaps.quantization.spec import packed_linears
+    from diffcaps.quantization.files import ScaledFP8
 
     return {f"{name}.weight": layer for name, layer in packed_linears(module) if not isinstance(layer.codec, ScaledFP8)}
