@@ -174,13 +174,15 @@ def test_demo_saves_loads_reproduces_and_draws(tmp_path: Path) -> None:
         assert drawn.tobytes() == generated.tobytes()
 
 
-def test_demo_without_diffusers_says_what_to_install(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['diffusers'] = None; from diffcaps.cli import main; "
+@pytest.mark.parametrize("package", ["diffusers", "transformers"])
+def test_demo_without_diffusers_says_what_to_install(tmp_path: Path, package: str) -> None:
+    code = (f"import sys; sys.modules[{package!r}] = None; from diffcaps.cli import main; "
             f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo.png')!r}]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "reloaded model reproduces the original: yes" in result.stdout
-    assert result.stdout.rstrip().endswith('skipped: the pipeline needs diffusers; pip install "diffcaps[diffusers]"')
+    assert result.stdout.rstrip().endswith(
+        'skipped: the pipeline needs diffusers and transformers; pip install "diffcaps[diffusers]"')
     assert not (tmp_path / "demo.png").exists()
 
 

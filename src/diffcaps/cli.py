@@ -137,7 +137,7 @@ def _pipeline_demo(args: argparse.Namespace, *, video: bool = False) -> int:
     try:
         report = pipeline_demo(out, video=video, seed=args.seed, progress=_StepLine(sys.stderr))
     except MissingDependencyError:
-        print('  skipped: the pipeline needs diffusers; pip install "diffcaps[diffusers]"')
+        print('  skipped: the pipeline needs diffusers and transformers; pip install "diffcaps[diffusers]"')
         return 0
     print("\n".join("  " + line for line in report.describe().splitlines()))
     return 0
