@@ -61,3 +61,13 @@ def test_name_is_a_non_empty_string_without_forbidden_characters() -> None:
             checks.name(bad, "adapter_name", CacheError, forbidden=".")
     with pytest.raises(CacheError, match=r"adapter_name must not contain '\.', got 'a\.b'"):
         checks.name("a.b", "adapter_name", CacheError, forbidden=".")
+
+
+def test_choices_keeps_the_allowed_order_and_names_unknown_entries() -> None:
+    allowed = ("a", "b", "c")
+    assert checks.choices(["c", "a"], allowed, "letters", ValueError) == ("a", "c")
+    with pytest.raises(ValueError, match=r"unknown letters \['x'\]; there are a, b, c"):
+        checks.choices(("a", "x"), allowed, "letters", ValueError)
+    for empty in ((), "ab", None):
+        with pytest.raises(ValueError, match="non-empty tuple"):
+            checks.choices(empty, allowed, "letters", ValueError)

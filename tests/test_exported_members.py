@@ -102,6 +102,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
         "GradientCheckpointing",
     ],
     "diffcaps.checks": [
+        "choices",
         "flag",
         "instance",
         "integer",

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["flag", "instance", "integer", "name", "number", "patterns"]
+__all__ = ["choices", "flag", "instance", "integer", "name", "number", "patterns"]
 
 _T = TypeVar("_T")
 
@@ -91,3 +91,14 @@ def patterns(value: object, what: str, error: ErrorType, *, single: bool = False
             raise error(f"{what} entry {item!r} is not a regular expression ({exc})") from None
         checked.append(item)
     return tuple(checked)
+
+
+def choices(value: object, allowed: tuple[_T, ...], what: str, error: ErrorType) -> tuple[_T, ...]:
+    """A non-empty list or tuple of names from ``allowed``, as a tuple in ``allowed``'s order."""
+    items = tuple(value) if isinstance(value, tuple | list) else ()
+    if not items:
+        raise error(f"{what} must be a non-empty tuple of names, got {_shown(value)}")
+    unknown = [item for item in items if item not in allowed]
+    if unknown:
+        raise error(f"unknown {what} {unknown!r}; there are {', '.join(map(str, allowed))}")
+    return tuple(item for item in allowed if item in items)

@@ -7,6 +7,7 @@ from typing import final
 
 import attrs
 
+from diffcaps import checks
 from diffcaps.attention._backends import BACKENDS, BackendName
 from diffcaps.attention._qkv import QKVFusion
 from diffcaps.services import ModuleTypes
@@ -15,15 +16,10 @@ __all__ = ["AttentionSupport"]
 
 
 def _backends(value: object) -> tuple[BackendName, ...]:
-    items = tuple(value) if isinstance(value, tuple | list) else ()
-    if not items:
-        raise ValueError(f"AttentionSupport needs a non-empty tuple of backend names, got {value!r}")
-    unknown = [item for item in items if item not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown attention backends {unknown!r}; there are {', '.join(BACKENDS)}")
-    if "sdpa" not in items:
+    backends: tuple[BackendName, ...] = checks.choices(value, BACKENDS, "attention backends", ValueError)
+    if "sdpa" not in backends:
         raise ValueError("AttentionSupport must list 'sdpa', the default every model runs")
-    return tuple(item for item in BACKENDS if item in items)
+    return backends
 
 
 def _fusion_of_attention(instance: AttentionSupport, _: attrs.Attribute[QKVFusion | None],

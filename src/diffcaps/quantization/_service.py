@@ -7,6 +7,7 @@ from typing import Final, Literal, final, get_args
 import attrs
 from torch import nn
 
+from diffcaps import checks
 from diffcaps.services import ModuleNames
 
 __all__ = ["SCHEMES", "QuantizationSupport", "Scheme"]
@@ -19,13 +20,7 @@ SCHEMES: Final[tuple[Scheme, ...]] = get_args(Scheme)
 
 
 def _schemes(value: object) -> tuple[Scheme, ...]:
-    items = tuple(value) if isinstance(value, tuple | list) else ()
-    if not items:
-        raise ValueError(f"QuantizationSupport needs a non-empty tuple of scheme names, got {value!r}")
-    unknown = [item for item in items if item not in SCHEMES]
-    if unknown:
-        raise ValueError(f"unknown quantization schemes {unknown!r}; there are {', '.join(SCHEMES)}")
-    return tuple(item for item in SCHEMES if item in items)
+    return checks.choices(value, SCHEMES, "quantization schemes", ValueError)
 
 
 @final
