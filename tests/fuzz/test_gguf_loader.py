@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from diffcaps.errors import DiffcapsError
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.quantization.files import read_gguf
+from diffcaps.weights._gguf_file import read_gguf
 from diffcaps.weights import load_single_file
 from tests.flux_fixtures import TINY, flux_inputs
 from tests.quantization.gguf_files import flux_gguf, mixed_types

@@ -11,7 +11,7 @@ from diffcaps.cli import main
 from diffcaps.errors import CheckpointError
 from diffcaps.io import read_header
 from diffcaps.models.flux import FluxTransformer2DModel
-from diffcaps.quantization.files import GGUFFile, read_gguf
+from diffcaps.weights._gguf_file import GGUFFile, read_gguf
 from diffcaps.weights import convert
 from tests.quantization.gguf_files import dequantized, flux_gguf, mixed_types, wan_gguf, write_gguf
 from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES, WAN, WAN_TYPES

@@ -24,7 +24,8 @@ from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.models.flux._weight_mapping import rope_axes
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
 from diffcaps.quantization.spec import PackedLinear, QuantizationSupport, packed_linears
-from diffcaps.quantization.files import fill_from_gguf, read_gguf, row_wise
+from diffcaps.weights._gguf_file import read_gguf
+from diffcaps.weights._gguf_load import fill_from_gguf, row_wise
 from diffcaps.services import ModuleNames
 from diffcaps.weights import UnexpectedTensorsWarning, load_single_file, save_single_file
 from diffcaps.weights.spec import SWAP_HALVES, Inverted, Split, Transform

@@ -23,7 +23,7 @@ from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.offload import GroupOffloadingConfig
 from diffcaps.parallel import ContextParallelConfig
 from diffcaps.quantization.spec import packed_linears
-from diffcaps.quantization.files import ScaledFP8
+from diffcaps.quantization.spec import ScaledFP8
 from tests.flux_fixtures import flux_inputs
 from tests.lora._files import diffusers_style
 from tests.parallel._worker import free_port

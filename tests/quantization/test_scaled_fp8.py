@@ -15,7 +15,7 @@ from diffcaps.cli import main
 from diffcaps.errors import CheckpointError
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from diffcaps.quantization.spec import PackedLinear, packed_linears
-from diffcaps.quantization.files import ScaledFP8
+from diffcaps.quantization.spec import ScaledFP8
 from tests.flux_fixtures import flux_inputs, seeded_model
 
 CONFIG = FluxConfig(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, final
+from typing import Any, Literal, final
 
 import attrs
 import torch
@@ -47,10 +47,10 @@ from diffcaps.weights._single_file import (
     output_plan,
     planned_slots,
 )
+from diffcaps.weights._gguf_file import GGUFFile, is_gguf, read_gguf
+from diffcaps.weights._gguf_load import check_gguf_types
 from diffcaps.weights._variants import TensorSpec
 
-if TYPE_CHECKING:
-    from diffcaps.quantization.files import GGUFFile
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -234,8 +234,6 @@ def convert(
         path=str(source), strict=strict,
     )
     if gguf is not None:
-        from diffcaps.quantization.files import check_gguf_types
-
         check_gguf_types(gguf, [source for step in first.steps for source in step.sources])
     tensors = _Tensors(where) if gguf is None else _GGUFTensors(gguf)
     ordered = sorted(first.steps, key=lambda step: min(tensors.offset(s) for s in step.sources))
@@ -265,8 +263,6 @@ def convert(
 
 def _gguf(source: Path) -> GGUFFile | None:
     """The GGUF file ``source`` is, or ``None`` when it is not one."""
-    from diffcaps.quantization.files import is_gguf, read_gguf
-
     return read_gguf(source) if is_gguf(source) else None
 
 

@@ -24,7 +24,9 @@ import attrs
 from diffcaps.errors import CapabilityError, CheckpointError, DiffcapsError
 from diffcaps.io import SafetensorsHeader, TensorInfo, expected_tensors, read_header
 from diffcaps.weights._service import Identification, WeightMapper
-from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs, is_gguf
+from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
+from diffcaps.weights._gguf_file import is_gguf, read_gguf
+from diffcaps.weights._scaled_fp8 import scaled_fp8_keys
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
@@ -165,8 +167,6 @@ def _scaled_fp8(header: SafetensorsHeader) -> tuple[SafetensorsHeader, _ScaledRo
     recognised model's) and the memory it takes loaded with the fp8 weights kept; any other
     file is passed on as it is.
     """
-    from diffcaps.quantization.files import scaled_fp8_keys
-
     try:
         keys = scaled_fp8_keys(header)
     except CheckpointError as exc:  # the marker is there, the structure is not: say why, load will refuse it
@@ -217,8 +217,6 @@ def _tensor_class(name: str, ndim: int, classes: _Classes) -> str:
 
 def _inspect_gguf(path: str | os.PathLike[str], recognisers: Sequence[Recogniser]) -> FileReport:
     """A GGUF file described from its header: recognised as a checkpoint would be, with its types per class."""
-    from diffcaps.quantization.files import read_gguf
-
     file = read_gguf(path)
     specs = file.specs()
     # the recognisers see the tensor table as a header: logical shapes, uint8 where packed

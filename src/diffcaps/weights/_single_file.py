@@ -34,13 +34,15 @@ from diffcaps.io import (
     stream_safetensors,
 )
 from diffcaps.protocols import SupportsWeightMapping, require
+from diffcaps.quantization.spec import PackedLinear, ScaledFP8, packed_linears
+from diffcaps.weights._gguf_file import is_gguf, read_gguf
+from diffcaps.weights._gguf_load import check_gguf_types, fill_from_gguf
+from diffcaps.weights._scaled_fp8 import ScaledFP8Keys, fill_scaled_fp8, scaled_fp8_export, scaled_fp8_keys
 from diffcaps.weights._service import Identification, MappingPlan, Step, WeightMapper
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:
     from diffcaps.model import Model
-    from diffcaps.quantization.files import ScaledFP8Keys
-    from diffcaps.quantization.spec import PackedLinear
 
 __all__ = [
     "UnexpectedTensorsWarning",
@@ -238,7 +240,7 @@ def load_single_file(
     model_class, mapper = class_mapper(cls)
     where = str(path)
     header = read_header(path)
-    scaled = _scaled_fp8_keys(header)
+    scaled = scaled_fp8_keys(header)
     specs = {k: v for k, v in header_specs(header).items() if scaled is None or k not in scaled.extra}
     found = mapper.identify(specs, variant=variant, path=where)
     model = build_on_meta(model_class, found.config, source=f"{where} ({found.variant.name})",
@@ -254,18 +256,10 @@ def load_single_file(
     return cast(M, model.eval())  # model_class is cls, narrowed at run time
 
 
-def _scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
-    from diffcaps.quantization.files import scaled_fp8_keys
-
-    return scaled_fp8_keys(header)
-
-
 def _fill_scaled_fp8(model: Model[Any], plan: MappingPlan, header: SafetensorsHeader, keys: ScaledFP8Keys, *,
                      torch_dtype: torch.dtype | None, device: str | torch.device) -> None:
     """:func:`fill_from_file` for a ComfyUI scaled-fp8 file: the steps that read fp8 weights go
-    through :func:`diffcaps.quantization.files.fill_scaled_fp8` (kept fp8 where the layer allows)."""
-    from diffcaps.quantization.files import fill_scaled_fp8
-
+    through :func:`~diffcaps.weights._scaled_fp8.fill_scaled_fp8` (kept fp8 where the layer allows)."""
     fp8 = tuple(step for step in plan.steps if any(source in keys.scales for source in step.sources))
     rest = attrs.evolve(plan, steps=tuple(step for step in plan.steps if step not in fp8))
     fill_from_file(model, rest, header, torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
@@ -277,16 +271,7 @@ def _with_scaled_fp8(module: torch.nn.Module, plan: MappingPlan, slots: list[Ten
                      tensors: Iterator[tuple[str, Tensor]], *, prefix: str,
                      where: str) -> tuple[list[TensorSlot], Iterator[tuple[str, Tensor]]]:
     """The slots and tensors to write, with any scaled-fp8 layers written back in their format."""
-    from diffcaps.quantization.files import scaled_fp8_export
-
     return scaled_fp8_export(module, plan.steps, slots, tensors, prefix=prefix, where=where)
-
-
-def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a GGUF file (by name or magic); quantization imports weights, so this defers."""
-    from diffcaps.quantization.files import is_gguf as gguf_file
-
-    return gguf_file(path)
 
 
 def _load_gguf(
@@ -300,8 +285,6 @@ def _load_gguf(
 ) -> M:
     """:func:`load_single_file` for a GGUF file: identified and checked the same way, but its
     block-quantized linear weights stay packed (see :mod:`diffcaps.quantization`)."""
-    from diffcaps.quantization.files import check_gguf_types, fill_from_gguf, read_gguf
-
     model_class, mapper = class_mapper(cls)
     where = str(path)
     file = read_gguf(path)
@@ -429,7 +412,4 @@ def save_single_file(
 
 def _decoded_weights(module: torch.nn.Module) -> dict[str, PackedLinear]:
     """Weight key → layer, for the packed layers written decoded (all but scaled fp8, written as it is)."""
-    from diffcaps.quantization.spec import packed_linears
-    from diffcaps.quantization.files import ScaledFP8
-
     return {f"{name}.weight": layer for name, layer in packed_linears(module) if not isinstance(layer.codec, ScaledFP8)}

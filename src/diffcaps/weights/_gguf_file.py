@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from diffcaps.errors import CheckpointError
-from diffcaps.quantization._gguf_types import gguf_codec
-from diffcaps.weights.spec import TensorSpec
+from diffcaps.quantization.spec import gguf_codec
+from diffcaps.weights._variants import TensorSpec
 
 __all__ = ["GGUF_MAGIC", "PLAIN_TYPES", "GGUFFile", "GGUFTensorInfo", "is_gguf", "read_gguf"]
 

@@ -24,11 +24,9 @@ from torch import nn
 
 from diffcaps.errors import CheckpointError
 from diffcaps.io import assign_tensor, expected_tensors, landing_dtype
-from diffcaps.quantization._gguf_file import GGUFFile
-from diffcaps.quantization._gguf_types import GGUF_TYPES, gguf_codec
-from diffcaps.quantization._packed import PackedLinear
-from diffcaps.quantization._service import QuantizationSupport
-from diffcaps.weights.spec import Identity, Inverted, Reorder, Split, Transform
+from diffcaps.quantization.spec import GGUF_TYPES, PackedLinear, QuantizationSupport, gguf_codec
+from diffcaps.weights._gguf_file import GGUFFile
+from diffcaps.weights._transforms import Identity, Inverted, Reorder, Split, Transform
 
 __all__ = ["SUPPORTED_TYPES", "PlanStep", "check_gguf_types", "fill_from_gguf", "row_wise"]
 
