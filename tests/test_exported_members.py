@@ -427,6 +427,7 @@ PUBLIC_NAMES: dict[str, list[str]] = {
     ],
     "diffcaps.slots": [
         "InstanceSlot",
+        "holding",
     ],
     "diffcaps.weights": [
         "ConversionReport",

@@ -26,8 +26,8 @@ from diffcaps.io import (
 )
 from diffcaps.metadata import ModelMetadata
 from diffcaps.services import ModuleNames
-from diffcaps.protocols import supports_lora
 from diffcaps.quantization.spec import packed_linears
+from diffcaps.slots import holding
 
 __all__ = ["CapabilitiesT", "ConfigT", "DEFAULT_MAX_SHARD_SIZE", "Model"]
 
@@ -43,13 +43,12 @@ _WRAPPED = ".base_layer."
 """An adapter layer keeps the module it wraps here; its parameters are the model's own."""
 
 
-def _adapters_left_out(model: object, keys: list[str]) -> str:
-    """The warning for a save that leaves adapter tensors out, naming the adapters when the model says."""
+def _adapters_left_out(model: torch.nn.Module, keys: list[str]) -> str:
+    """The warning for a save that leaves adapter tensors out, naming the adapters when LoRA holds them."""
     what = f"{len(keys)} adapter tensor(s) ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
-    if supports_lora(model):
-        from diffcaps import lora
-
-        what = f"the layers of LoRA adapter(s) {', '.join(map(repr, lora.list_adapters(model)))}"
+    adapters = holding(model, "lora")
+    if adapters:
+        what = f"the layers of {adapters}"
     return (f"save_pretrained writes the base model: {what} are not saved (adapters fused with lora.fuse "
             "are in the base weights; lora.save_adapter writes an adapter to its own file)")
 

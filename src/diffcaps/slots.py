@@ -4,6 +4,10 @@ Every feature that changes a model instance (adapters loaded, hooks installed, g
 offloaded, a cache or context-parallel session) records what it did in one slot, named after
 the feature, in the module's ``__dict__``. The slot is not a parameter, buffer or submodule,
 so it never reaches a state dict, and ``del`` of the entry leaves the module as it was.
+
+A feature that must refuse while another one holds the module asks :func:`holding` by the
+other feature's name instead of importing it: two features that refuse each other would
+otherwise import each other.
 """
 
 from __future__ import annotations
@@ -12,9 +16,23 @@ from typing import Generic, TypeVar, final
 
 from torch import nn
 
-__all__ = ["InstanceSlot"]
+__all__ = ["InstanceSlot", "holding"]
 
 _T = TypeVar("_T")
+
+
+def _attribute(feature: str) -> str:
+    return f"_diffcaps_{feature}"
+
+
+def holding(module: nn.Module, feature: str) -> object | None:
+    """What ``feature`` keeps on ``module`` (its slot's value), or ``None`` when it keeps nothing there.
+
+    ``feature`` is the name the owner's slot was made with (``"lora"``, ``"qkv_fusion"``,
+    ``"group_offloading"``, …); the value's ``str`` says what is held, in the owner's words, and
+    it is falsy when the owner keeps a record but holds nothing yet (LoRA after ``enable_hotswap``).
+    """
+    return module.__dict__.get(_attribute(feature))
 
 
 @final
@@ -26,7 +44,7 @@ class InstanceSlot(Generic[_T]):
     def __init__(self, feature: str, kind: type[_T]) -> None:
         self.feature = feature
         self.kind = kind
-        self.attribute = f"_diffcaps_{feature}"
+        self.attribute = _attribute(feature)
 
     def get(self, module: nn.Module) -> _T | None:
         """The state held by ``module``, or ``None`` when the feature has none there."""

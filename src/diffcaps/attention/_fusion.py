@@ -20,20 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from diffcaps import casting, offload
 from diffcaps.attention._qkv import FUSED, FusedGroups, QKVFusion, QKVGroup
 from diffcaps.errors import AttentionError, CapabilityError
 from diffcaps.hooks import hook_names
-from diffcaps.protocols import (
-    SupportsAttention,
-    require,
-    supports_group_offloading,
-    supports_layerwise_casting,
-    supports_lora,
-    unwrap_compiled,
-)
+from diffcaps.protocols import SupportsAttention, require, unwrap_compiled
 from diffcaps.quantization.spec import quantized_weight
-from diffcaps.slots import InstanceSlot
+from diffcaps.slots import InstanceSlot, holding
 
 __all__ = ["fuse_qkv", "qkv_fused", "unfuse_qkv"]
 
@@ -61,18 +53,14 @@ def _fusion(model: SupportsAttention) -> tuple[nn.Module, QKVFusion]:
 
 def _busy(module: nn.Module, doing: str) -> None:
     """Refuse while a feature holds the projections' parameters or hooks them."""
-    if supports_lora(module):
-        from diffcaps import lora
-
-        names = lora.list_adapters(module)
-        if names:
-            raise AttentionError(f"cannot {doing} QKV projections: LoRA adapter(s) {', '.join(map(repr, names))} "
-                                 "are loaded on them; unload them first (diffcaps.lora.unload), or load LoRAs "
-                                 "into the unfused model")
-    if supports_group_offloading(module) and offload.active(module) is not None:
+    adapters = holding(module, "lora")
+    if adapters:
+        raise AttentionError(f"cannot {doing} QKV projections: {adapters} are loaded on them; unload them "
+                             "first (diffcaps.lora.unload), or load LoRAs into the unfused model")
+    if holding(module, "group_offloading") is not None:
         raise AttentionError(f"cannot {doing} QKV projections while group offloading is enabled (its groups hold "
                              "the parameters); call diffcaps.offload.disable(model) first")
-    if supports_layerwise_casting(module) and casting.active(module) is not None:
+    if holding(module, "layerwise_casting") is not None:
         raise AttentionError(f"cannot {doing} QKV projections while layerwise casting is enabled (its hooks are on "
                              "the projections); call diffcaps.casting.disable(model) first")
 

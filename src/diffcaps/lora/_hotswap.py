@@ -37,7 +37,7 @@ def enable_hotswap(model: SupportsLoRA, *, max_rank: int) -> None:
     if state is not None and state.adapters:
         raise LoRAError("enable_hotswap must be called before the first adapter is loaded "
                         f"(loaded: {', '.join(state.adapters)})")
-    SLOT.set(module, attrs.evolve(state, hotswap_rank=max_rank) if state else LoRAState(hotswap_rank=max_rank))
+    SLOT.set(module, attrs.evolve(state, hotswap_rank=max_rank) if state is not None else LoRAState(hotswap_rank=max_rank))
 
 
 def _check(module: nn.Module, state: LoRAState, name: str, conversion: ConvertedAdapter, label: str) -> None:

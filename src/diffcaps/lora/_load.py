@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcaps import attention, checks
+from diffcaps import checks
 from diffcaps.errors import FormatError, LoRAError, ShapeError
 from diffcaps.io import SafetensorsReader
 from diffcaps.lora import _peft
@@ -26,8 +26,9 @@ from diffcaps.lora._adapters import LoRAWeights, TargetWeights
 from diffcaps.lora._formats import ConvertedAdapter, LoRAFormat, LoRAService
 from diffcaps.lora._hotswap import hotswap_adapter
 from diffcaps.lora._state import SLOT, AdapterRecord, LoadReport, LoRAState, Patch, Widening, snapshot
-from diffcaps.protocols import SupportsLoRA, require, supports_attention
+from diffcaps.protocols import SupportsLoRA, require
 from diffcaps.quantization.spec import PackedLinear
+from diffcaps.slots import holding
 
 __all__ = ["Source", "load_adapter"]
 
@@ -250,7 +251,7 @@ def load_adapter(
                         "delete it first, or load with hotswap=True")
     if state is not None and state.fused:
         raise LoRAError("the model has fused adapters; unfuse it before loading another adapter")
-    if supports_attention(model) and attention.qkv_fused(model):
+    if holding(module, "qkv_fusion") is not None:
         raise LoRAError("the model's QKV projections are fused (diffcaps.attention.fuse_qkv); call "
                         "diffcaps.attention.unfuse_qkv(model) before loading a LoRA")
     if isinstance(source, Mapping):

@@ -128,6 +128,13 @@ class LoRAState:
     requires_grad: list[tuple[torch.nn.Parameter, bool]] = attrs.field(factory=list)
     """Every base parameter's ``requires_grad`` before the first adapter was injected."""
 
+    def __str__(self) -> str:
+        return f"LoRA adapter(s) {', '.join(map(repr, self.adapters))}"
+
+    def __len__(self) -> int:
+        # a state made by enable_hotswap before any load holds no adapter: it is falsy for slots.holding's callers
+        return len(self.adapters)
+
     def layers(self) -> Iterator[str]:
         """Every module path that carries a peft layer, each once."""
         seen: set[str] = set()

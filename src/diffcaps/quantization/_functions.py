@@ -10,16 +10,10 @@ import attrs
 from torch import Tensor, nn
 
 from diffcaps.errors import QuantizationError
-from diffcaps.protocols import (
-    SupportsQuantization,
-    require,
-    supports_attention,
-    supports_group_offloading,
-    supports_layerwise_casting,
-    supports_lora,
-)
+from diffcaps.protocols import SupportsQuantization, require
 from diffcaps.quantization._packed import PackedLinear, packed_linears
 from diffcaps.quantization._torchao import TORCHAO_STATE, TorchaoState, apply_torchao, torchao_module, torchao_targets
+from diffcaps.slots import holding
 
 if TYPE_CHECKING:
     from torchao.core.config import AOBaseConfig
@@ -111,32 +105,20 @@ def disable(model: SupportsQuantization) -> None:
 def _refuse_busy(module: nn.Module, doing: str, *, offloading: bool = False, casting: bool = False,
                  fused: bool = False) -> None:
     """Refuse while LoRA adapters, and the features named, hold or hook the layers about to change."""
-    if supports_lora(module):
-        from diffcaps import lora
-
-        names = lora.list_adapters(module)
-        if names:
-            raise QuantizationError(f"cannot {doing} while LoRA adapter(s) {', '.join(map(repr, names))} are loaded "
-                                    "(their layers wrap the linear layers); unload them first (diffcaps.lora.unload)")
-    if offloading and supports_group_offloading(module):
-        from diffcaps import offload
-
-        if offload.active(module) is not None:
-            raise QuantizationError(f"cannot {doing} while group offloading is enabled (its groups hold the "
-                                    "layers' tensors); call diffcaps.offload.disable(model) first")
-    if casting and supports_layerwise_casting(module):
-        from diffcaps import casting as layerwise
-
-        if layerwise.active(module) is not None:
-            raise QuantizationError(f"cannot {doing} while layerwise casting is enabled (its hooks hold the "
-                                    "layers' weights); call diffcaps.casting.disable(model) first")
-    if fused and supports_attention(module):
-        from diffcaps import attention
-
-        if attention.qkv_fused(module):
-            raise QuantizationError(f"cannot {doing} while QKV projections are fused; call "
-                                    "diffcaps.attention.unfuse_qkv(model) first (a torchao model runs unfused: "
-                                    "fuse_qkv refuses quantized projections)")
+    adapters = holding(module, "lora")
+    if adapters:
+        raise QuantizationError(f"cannot {doing} while {adapters} are loaded (their layers wrap the linear "
+                                "layers); unload them first (diffcaps.lora.unload)")
+    if offloading and holding(module, "group_offloading") is not None:
+        raise QuantizationError(f"cannot {doing} while group offloading is enabled (its groups hold the "
+                                "layers' tensors); call diffcaps.offload.disable(model) first")
+    if casting and holding(module, "layerwise_casting") is not None:
+        raise QuantizationError(f"cannot {doing} while layerwise casting is enabled (its hooks hold the "
+                                "layers' weights); call diffcaps.casting.disable(model) first")
+    if fused and holding(module, "qkv_fusion") is not None:
+        raise QuantizationError(f"cannot {doing} while QKV projections are fused; call "
+                                "diffcaps.attention.unfuse_qkv(model) first (a torchao model runs unfused: "
+                                "fuse_qkv refuses quantized projections)")
 
 
 def _dense(layer: PackedLinear) -> nn.Linear:

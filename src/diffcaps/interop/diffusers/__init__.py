@@ -24,16 +24,14 @@ for _package in ("diffusers", "transformers"):  # transformers: the pipelines' t
         ) from missing
 
 from diffcaps.interop.diffusers._cache import cache_config as cache_config
-from diffcaps.interop.diffusers._lora import (
-    ConvertedLoRAWarning as ConvertedLoRAWarning,
-    load_lora_weights as load_lora_weights,
-)
+from diffcaps.interop.diffusers._lora import ConvertedLoRAWarning as ConvertedLoRAWarning
 from diffcaps.interop.diffusers._tiny import (
     tiny_flux_pipeline_folder as tiny_flux_pipeline_folder,
     tiny_wan_pipeline_folder as tiny_wan_pipeline_folder,
 )
 from diffcaps.interop.diffusers._view import (
     DiffusersView as DiffusersView,
+    load_lora_weights as load_lora_weights,
     unwrap as unwrap,
     wrap as wrap,
 )

@@ -65,12 +65,12 @@ __all__ = [
     "enable",
     "fuse",
     "load_from_pipeline",
-    "load_lora_weights",
     "peft_config",
     "scaled",
     "set_adapters",
     "unfuse",
     "unload",
+    "with_lora",
 ]
 
 
@@ -78,7 +78,8 @@ class ConvertedLoRAWarning(UserWarning):
     """``pipe.load_lora_weights`` loaded a file diffusers converted first: ``load_lora_weights(pipe, file)`` reads it exactly."""
 
 
-def _with_lora(model: object) -> SupportsLoRA:
+def with_lora(model: object) -> SupportsLoRA:
+    """``model`` as a model that declares LoRA, or a ``CapabilityError``."""
     if supports_lora(model):
         return model
     raise CapabilityError(type(model).__name__, "lora")
@@ -90,20 +91,6 @@ def _tuner_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
-def load_lora_weights(pipe: object, source: lora.Source, *, adapter_name: str = "default",
-                      strict: bool = True, hotswap: bool = False) -> lora.LoadReport:
-    """Load a LoRA file of any format diffcaps reads into the diffcaps model of ``pipe.transformer``.
-
-    The file goes straight to :func:`diffcaps.lora.load_adapter` (diffusers converts nothing),
-    so this loads the formats ``pipe.load_lora_weights`` refuses or cannot read. The adapter is
-    then seen by the pipeline's ``set_adapters``, ``fuse_lora``, … like any other.
-    """
-    from diffcaps.interop.diffusers._view import unwrap
-
-    model = _with_lora(unwrap(getattr(pipe, "transformer", None)))
-    return lora.load_adapter(model, source, adapter_name=adapter_name, strict=strict, hotswap=hotswap)
-
-
 def load_from_pipeline(model: object, state_dict: Mapping[str, Tensor], *,
                        network_alphas: Mapping[str, Tensor] | None, metadata: Mapping[str, Any] | None,
                        adapter_name: str | None, hotswap: bool, pipeline: object) -> lora.LoadReport | None:
@@ -113,7 +100,7 @@ def load_from_pipeline(model: object, state_dict: Mapping[str, Tensor], *,
     loaded becomes the only active one, as in diffusers (``set_adapters`` activates several). ``None`` when a
     converted file held nothing for the transformer (with a :class:`ConvertedLoRAWarning`).
     """
-    target = _with_lora(model)
+    target = with_lora(model)
     name = adapter_name if adapter_name is not None else f"default_{len(lora.list_adapters(target))}"
     report = _load(target, state_dict, network_alphas=network_alphas, metadata=metadata, name=name,
                    hotswap=hotswap, pipeline=pipeline)
@@ -178,7 +165,7 @@ def _converts(pipeline: object) -> bool:
 def set_adapters(model: object, names: str | Sequence[str],
                  weights: float | Mapping[str, float] | Sequence[float | Mapping[str, float] | None] | None) -> None:
     """``transformer.set_adapters(names, weights)``: :func:`diffcaps.lora.set_adapters` (``None`` weighs 1)."""
-    lora.set_adapters(_with_lora(model), names, weights)
+    lora.set_adapters(with_lora(model), names, weights)
 
 
 def fuse(model: object, lora_scale: float = 1.0, safe_fusing: bool = False,
@@ -189,7 +176,7 @@ def fuse(model: object, lora_scale: float = 1.0, safe_fusing: bool = False,
     :class:`~diffcaps.errors.LoRAError`. Unlike diffusers, the adapter scales are not left
     multiplied by ``lora_scale`` after an unfuse.
     """
-    target = _with_lora(model)
+    target = with_lora(model)
     lora.fuse(target, adapter_names=adapter_names, scale=lora_scale)
     module = _module(target)
     if safe_fusing:
@@ -229,22 +216,22 @@ class _Unfuse:
 
 def unfuse(model: object) -> None:
     """``transformer.unfuse_lora()`` (and each fused layer's ``unmerge``): :func:`diffcaps.lora.unfuse`."""
-    lora.unfuse(_with_lora(model))
+    lora.unfuse(with_lora(model))
 
 
 def unload(model: object) -> None:
     """``transformer.unload_lora()``: :func:`diffcaps.lora.unload` (the model exactly as before any adapter)."""
-    lora.unload(_with_lora(model))
+    lora.unload(with_lora(model))
 
 
 def delete_adapters(model: object, names: str | Sequence[str]) -> None:
     """``transformer.delete_adapters(names)``: :func:`diffcaps.lora.delete_adapters`."""
-    lora.delete_adapters(_with_lora(model), names)
+    lora.delete_adapters(with_lora(model), names)
 
 
 def enable(model: object, enabled: bool) -> None:
     """``transformer.enable_lora()`` / ``disable_lora()``: :func:`diffcaps.lora.enable` / ``disable``."""
-    target = _with_lora(model)
+    target = with_lora(model)
     if enabled:
         lora.enable(target)
     else:
@@ -253,7 +240,7 @@ def enable(model: object, enabled: bool) -> None:
 
 def peft_config(model: object) -> dict[str, Any]:
     """The loaded adapters' peft configs by name, as ``transformer.peft_config`` (an ``AttributeError`` if none)."""
-    target = _with_lora(model)
+    target = with_lora(model)
     configs: object = getattr(target, "peft_config", None)
     if not lora.list_adapters(target) or not isinstance(configs, dict):
         raise AttributeError("peft_config")

@@ -20,14 +20,14 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from diffcaps import cache, casting, checks
+from diffcaps import cache, casting, checks, lora
 from diffcaps.errors import CapabilityError, InteropError
 from diffcaps.interop.diffusers import _lora
 from diffcaps.interop.diffusers._cache import cache_config
 from diffcaps.model import DEFAULT_MAX_SHARD_SIZE, Model
 from diffcaps.protocols import supports_cache, supports_layerwise_casting
 
-__all__ = ["DiffusersView", "unwrap", "wrap"]
+__all__ = ["DiffusersView", "load_lora_weights", "unwrap", "wrap"]
 
 AnyModel = Model[Any, Any]
 """Any diffcaps model, whatever its config and capabilities classes."""
@@ -251,3 +251,15 @@ def unwrap(view: object) -> AnyModel:
         raise InteropError(f"unwrap takes a view made by diffcaps.interop.diffusers.wrap, got "
                            f"{type(view).__module__}.{type(view).__qualname__}")
     return view.model
+
+
+def load_lora_weights(pipe: object, source: lora.Source, *, adapter_name: str = "default",
+                      strict: bool = True, hotswap: bool = False) -> lora.LoadReport:
+    """Load a LoRA file of any format diffcaps reads into the diffcaps model of ``pipe.transformer``.
+
+    The file goes straight to :func:`diffcaps.lora.load_adapter` (diffusers converts nothing),
+    so this loads the formats ``pipe.load_lora_weights`` refuses or cannot read. The adapter is
+    then seen by the pipeline's ``set_adapters``, ``fuse_lora``, … like any other.
+    """
+    model = _lora.with_lora(unwrap(getattr(pipe, "transformer", None)))
+    return lora.load_adapter(model, source, adapter_name=adapter_name, strict=strict, hotswap=hotswap)
