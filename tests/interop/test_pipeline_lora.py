@@ -21,6 +21,7 @@ from torch import Tensor
 pytest.importorskip("diffusers")
 
 from diffcaps import lora  # noqa: E402
+from diffcaps.errors import InteropError, LoRAError  # noqa: E402
 from diffcaps.interop.diffusers import ConvertedLoRAWarning, load_lora_weights, unwrap, wrap  # noqa: E402
 from diffcaps.interop.diffusers._tiny import tiny_flux_pipeline_folder  # noqa: E402
 from diffcaps.models.flux import FluxTransformer2DModel  # noqa: E402
@@ -221,3 +222,46 @@ def test_a_file_diffusers_converts_loads_as_diffusers_and_the_direct_call_loads_
         exact = _images(ours)
         torch.testing.assert_close(exact, _images(_theirs(folder, merged_state(state, file))), atol=1e-5, rtol=0)
     assert (exact - converted).abs().max() > 1e-4  # the modules diffusers drops do something
+
+
+def test_hotswap_through_the_pipeline_matches_diffusers(folder: Path, tmp_path: Path) -> None:
+    ours, theirs = _ours(folder), _theirs(folder)
+    model = _model(ours)
+    paths = [p for p in linears(model) if p.startswith("transformer_blocks.0.")]
+    first = diffusers_style(model, seed=51, key=lambda p: f"transformer.{p}", rank=4, vary_rank=False,
+                            paths=paths).save(tmp_path / "a.safetensors")
+    second = diffusers_style(model, seed=52, key=lambda p: f"transformer.{p}", rank=6, vary_rank=False,
+                             paths=paths).save(tmp_path / "b.safetensors")
+    with torch.no_grad():
+        for pipe in (ours, theirs):
+            pipe.enable_lora_hotswap(target_rank=8)
+            pipe.load_lora_weights(first, adapter_name="style")
+        loaded = _images(ours)
+        torch.testing.assert_close(loaded, _images(theirs), atol=_FP32, rtol=0)
+        layer: Any = model.get_submodule(paths[0])
+        assert layer.r["style"] == 8  # padded on the first load, so a rank-6 file can replace it
+
+        for pipe in (ours, theirs):
+            pipe.load_lora_weights(second, adapter_name="style", hotswap=True)
+        swapped = _images(ours)
+        torch.testing.assert_close(swapped, _images(theirs), atol=_FP32, rtol=0)
+        assert (swapped - loaded).abs().max() > 1e-4
+        assert lora.list_adapters(model) == ("style",)
+
+
+def test_enable_lora_hotswap_after_a_load_follows_check_compiled(folder: Path, tmp_path: Path) -> None:
+    ours = _ours(folder)
+    model = _model(ours)
+    paths = [p for p in linears(model) if p.startswith("transformer_blocks.0.")]
+    path = diffusers_style(model, seed=53, key=lambda p: f"transformer.{p}", rank=4, vary_rank=False,
+                           paths=paths).save(tmp_path / "a.safetensors")
+    ours.load_lora_weights(path, adapter_name="a")
+    with pytest.raises(LoRAError, match="before the first adapter is loaded"):
+        ours.enable_lora_hotswap(target_rank=8)
+    with pytest.warns(UserWarning, match="changes nothing"):
+        ours.enable_lora_hotswap(target_rank=8, check_compiled="warn")
+    ours.enable_lora_hotswap(target_rank=8, check_compiled="ignore")
+    with pytest.raises(InteropError, match="check_compiled must be"):
+        ours.enable_lora_hotswap(target_rank=8, check_compiled="loud")
+    layer: Any = model.get_submodule(paths[0])
+    assert layer.r["a"] == 4  # the loaded adapter kept its rank

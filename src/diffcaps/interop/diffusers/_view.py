@@ -11,6 +11,7 @@ parameters and moves and casts with it) and forwards every call to diffcaps' fun
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -168,6 +169,22 @@ class DiffusersView(ModelMixin, ConfigMixin):
         """What ``pipe.load_lora_weights`` calls: the adapter is loaded into the diffcaps model."""
         _lora.load_from_pipeline(self.model, state_dict, network_alphas=network_alphas, metadata=metadata,
                                  adapter_name=adapter_name, hotswap=hotswap, pipeline=_pipeline)
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """``diffcaps.lora.enable_hotswap(model, max_rank=target_rank)`` (what ``pipe.enable_lora_hotswap`` calls).
+
+        As in diffusers, ``check_compiled`` says what a call after the first adapter does:
+        ``"error"`` raises (a ``LoRAError``), ``"warn"`` warns, ``"ignore"`` does nothing; the
+        adapters already loaded keep their ranks either way.
+        """
+        if check_compiled not in ("error", "warn", "ignore"):
+            raise InteropError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}")
+        if check_compiled != "error" and lora.list_adapters(self.model):
+            if check_compiled == "warn":
+                warnings.warn("enable_lora_hotswap after the first adapter changes nothing: call it before "
+                              "loading the first adapter", UserWarning, stacklevel=3)
+            return
+        lora.enable_hotswap(_lora.with_lora(self.model), max_rank=target_rank)
 
     def set_adapters(self, adapter_names: str | list[str], weights: Any = None) -> None:
         """``diffcaps.lora.set_adapters`` (what ``pipe.set_adapters`` calls)."""
