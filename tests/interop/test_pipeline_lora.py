@@ -265,3 +265,14 @@ def test_enable_lora_hotswap_after_a_load_follows_check_compiled(folder: Path, t
         ours.enable_lora_hotswap(target_rank=8, check_compiled="loud")
     layer: Any = model.get_submodule(paths[0])
     assert layer.r["a"] == 4  # the loaded adapter kept its rank
+
+
+def test_set_lora_device_moves_the_diffcaps_adapter_only(folder: Path, tmp_path: Path) -> None:
+    ours = _ours(folder)
+    model = _model(ours)
+    path = diffusers_style(model, seed=54, key=lambda p: f"transformer.{p}").save(tmp_path / "a.safetensors")
+    ours.load_lora_weights(path, adapter_name="a")
+    ours.set_lora_device(["a"], "meta")  # diffusers walks the peft layers inside the view
+    layer: Any = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert layer.lora_A["a"].weight.device.type == "meta" and layer.lora_B["a"].weight.device.type == "meta"
+    assert layer.base_layer.weight.device.type == "cpu"
