@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import diffcaps
 from diffcaps import attention, lora, offload, quantization
 from diffcaps.errors import AttentionError, LoRAError, QuantizationError
 from diffcaps.slots import InstanceSlot, holding
@@ -70,3 +72,29 @@ def test_a_lora_record_without_adapters_holds_nothing() -> None:
     attention.unfuse_qkv(model)
     with torch.no_grad():
         quantization.disable(model)  # nothing packed, nothing held: a no-op
+
+
+def _string_arguments(function: str) -> set[str]:
+    names: set[str] = set()
+    for path in Path(diffcaps.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function:
+                for argument in node.args:
+                    if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                        names.add(argument.value)
+    return names
+
+
+def test_every_feature_name_asked_is_a_slot_some_feature_keeps() -> None:
+    asked = _string_arguments("holding")
+    assert asked >= {"lora", "qkv_fusion", "group_offloading", "layerwise_casting"}
+    assert asked <= _string_arguments("InstanceSlot")  # a misspelt name would hold nothing, silently
+
+
+def test_a_compiled_wrapper_stands_for_its_model(tmp_path: Path) -> None:
+    model = seeded_model(TINY)
+    path = diffusers_style(model, seed=1, key=lambda p: f"transformer.{p}").save(tmp_path / "a.safetensors")
+    lora.load_adapter(model, path, adapter_name="style")
+    compiled = torch.compile(model)
+    assert holding(compiled, "lora") is holding(model, "lora") is not None
+    assert holding("not a module", "lora") is None

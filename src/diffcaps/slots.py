@@ -16,6 +16,8 @@ from typing import Generic, TypeVar, final
 
 from torch import nn
 
+from diffcaps.protocols import unwrap_compiled
+
 __all__ = ["InstanceSlot", "holding"]
 
 _T = TypeVar("_T")
@@ -25,14 +27,17 @@ def _attribute(feature: str) -> str:
     return f"_diffcaps_{feature}"
 
 
-def holding(module: nn.Module, feature: str) -> object | None:
-    """What ``feature`` keeps on ``module`` (its slot's value), or ``None`` when it keeps nothing there.
+def holding(model: object, feature: str) -> object | None:
+    """What ``feature`` keeps on ``model`` (its slot's value), or ``None`` when it keeps nothing there.
 
-    ``feature`` is the name the owner's slot was made with (``"lora"``, ``"qkv_fusion"``,
-    ``"group_offloading"``, …); the value's ``str`` says what is held, in the owner's words, and
-    it is falsy when the owner keeps a record but holds nothing yet (LoRA after ``enable_hotswap``).
+    ``model`` is the model a feature was enabled on (a ``torch.compile`` wrapper stands for the
+    module inside it); ``feature`` is the name the owner's slot was made with (``"lora"``,
+    ``"qkv_fusion"``, ``"group_offloading"``, …; ``tests/test_slots.py`` checks every name asked
+    in diffcaps). The value's ``str`` says what is held, in the owner's words, and it is falsy
+    when the owner keeps a record but holds nothing yet (LoRA after ``enable_hotswap``).
     """
-    return module.__dict__.get(_attribute(feature))
+    module = unwrap_compiled(model)
+    return module.__dict__.get(_attribute(feature)) if isinstance(module, nn.Module) else None
 
 
 @final

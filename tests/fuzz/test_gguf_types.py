@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffcaps.errors import QuantizationError
-from diffcaps.quantization._gguf_types import GGUF_TYPES, gguf_codec
+from diffcaps.quantization.spec import GGUF_TYPES, gguf_codec
 
 EXAMPLES: Final = int(os.environ.get("DIFFCAPS_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="DIFFCAPS_FUZZ_EXAMPLES" not in os.environ,

@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from diffcaps.errors import QuantizationError
-from diffcaps.quantization._gguf_types import GGUF_TYPES, GGUFType, gguf_codec
+from diffcaps.quantization.spec import GGUF_TYPES, GGUFType, gguf_codec
 from diffcaps.quantization.spec import PackedLinear
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")

@@ -36,6 +36,8 @@ from diffcaps.io import (
     stream_shards,
 )
 from diffcaps.protocols import SupportsWeightMapping
+from diffcaps.weights._gguf_file import GGUFFile, is_gguf, read_gguf
+from diffcaps.weights._gguf_load import check_gguf_types
 from diffcaps.weights._service import MappingPlan, Step, WeightMapper
 from diffcaps.weights._single_file import (
     UnexpectedTensorsWarning,
@@ -47,8 +49,6 @@ from diffcaps.weights._single_file import (
     output_plan,
     planned_slots,
 )
-from diffcaps.weights._gguf_file import GGUFFile, is_gguf, read_gguf
-from diffcaps.weights._gguf_load import check_gguf_types
 from diffcaps.weights._variants import TensorSpec
 
 

@@ -23,10 +23,10 @@ import attrs
 
 from diffcaps.errors import CapabilityError, CheckpointError, DiffcapsError
 from diffcaps.io import SafetensorsHeader, TensorInfo, expected_tensors, read_header
-from diffcaps.weights._service import Identification, WeightMapper
-from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
 from diffcaps.weights._gguf_file import is_gguf, read_gguf
 from diffcaps.weights._scaled_fp8 import scaled_fp8_keys
+from diffcaps.weights._service import Identification, WeightMapper
+from diffcaps.weights._single_file import build_on_meta, check_identified, class_mapper, header_specs
 from diffcaps.weights._variants import TensorSpec
 
 if TYPE_CHECKING:

@@ -31,7 +31,6 @@ from diffcaps.weights._gguf_load import PlanStep, row_wise
 
 __all__ = ["ScaledFP8Keys", "fill_scaled_fp8", "scaled_fp8_export", "scaled_fp8_keys"]
 
-MARKER: Final = SCALED_FP8
 FP8: Final = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -82,11 +81,11 @@ def scaled_fp8_keys(header: SafetensorsHeader) -> ScaledFP8Keys | None:
     Raises ``CheckpointError`` naming file and key for a marker without fp8 weights, an fp8
     weight without its ``scale_weight``, or a scale that is not a scalar of an fp8 weight.
     """
-    markers = [key for key in header.tensors if key.rsplit(".", 1)[-1] == MARKER]
+    markers = [key for key in header.tensors if key.rsplit(".", 1)[-1] == SCALED_FP8]
     if not markers:
         return None
     if len(markers) > 1:
-        raise CheckpointError(f"more than one {MARKER} marker: {', '.join(markers)}", path=header.path)
+        raise CheckpointError(f"more than one {SCALED_FP8} marker: {', '.join(markers)}", path=header.path)
     fp8 = {key for key, info in header.tensors.items() if info.dtype in FP8 and key != markers[0]}
     if not fp8:
         raise CheckpointError(f"{markers[0]} marks a scaled-fp8 file, but no tensor is stored in fp8",
@@ -193,7 +192,7 @@ def scaled_fp8_export(
         if codec.scale_input is not None:
             scales.append((base + "scale_input", codec.scale_input))
     held = MARKER_SLOT.get(module)
-    marker = (prefix + MARKER, torch.empty(0, dtype=next(iter(written.values())).fp8) if held is None else held.tensor)
+    marker = (prefix + SCALED_FP8, torch.empty(0, dtype=next(iter(written.values())).fp8) if held is None else held.tensor)
     out = [TensorSlot(key, t.dtype, tuple(t.shape)) for key, t in scales]
     out += [TensorSlot(s.key, written[s.key].fp8, s.shape) if s.key in written else s for s in slots]
     out.append(TensorSlot(marker[0], marker[1].dtype, tuple(marker[1].shape)))

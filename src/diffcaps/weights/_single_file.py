@@ -80,16 +80,20 @@ def header_specs(header: SafetensorsHeader) -> dict[str, TensorSpec]:
 
 
 def class_mapper(cls: object) -> tuple[type[Model[Any]], WeightMapper]:
-    """A model class and the weight mapping it declares (``CapabilityError`` when it is no such class)."""
-    from diffcaps.model import Model  # a real cycle: Model's capabilities import this package's spec
+    """A model class and the weight mapping it declares (``CapabilityError`` when it is no such class).
 
-    if not (isinstance(cls, type) and issubclass(cls, Model)):
+    A model class is told by what it has (a module class with ``declared_capabilities``), not by
+    ``issubclass(cls, Model)``: ``Model`` imports this package's spec through its capabilities.
+    """
+    declared = getattr(cls, "declared_capabilities", None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and callable(declared)):
         raise CapabilityError(getattr(cls, "__name__", type(cls).__name__),
                               "weight_mapping (pass a diffcaps model class)")
-    mapper = cls.declared_capabilities().weight_mapping
+    model_class = cast("type[Model[Any]]", cls)
+    mapper = model_class.declared_capabilities().weight_mapping
     if mapper is None:
         raise CapabilityError(cls.__name__, "weight_mapping")
-    return cls, mapper
+    return model_class, mapper
 
 
 def build_on_meta(cls: type[Model[Any]], config: Mapping[str, Any], *, source: str,
@@ -267,13 +271,6 @@ def _fill_scaled_fp8(model: Model[Any], plan: MappingPlan, header: SafetensorsHe
                     torch_dtype=torch_dtype, device=device, keep_fp32=model.kept_in_fp32())
 
 
-def _with_scaled_fp8(module: torch.nn.Module, plan: MappingPlan, slots: list[TensorSlot],
-                     tensors: Iterator[tuple[str, Tensor]], *, prefix: str,
-                     where: str) -> tuple[list[TensorSlot], Iterator[tuple[str, Tensor]]]:
-    """The slots and tensors to write, with any scaled-fp8 layers written back in their format."""
-    return scaled_fp8_export(module, plan.steps, slots, tensors, prefix=prefix, where=where)
-
-
 def _load_gguf(
     cls: type[M],
     path: str | os.PathLike[str],
@@ -405,8 +402,9 @@ def save_single_file(
         return decoded[key].dense_weight() if key in decoded else state[key]
 
     plan, slots = aligned(plan, planned_slots(plan, specs, torch_dtype, where=where))
-    slots, tensors = _with_scaled_fp8(module, plan, slots, produce(plan, tensor, torch_dtype),
-                                      prefix=prefix, where=where)
+    # scaled-fp8 layers are written back in their format (fp8 weights, scales, marker)
+    slots, tensors = scaled_fp8_export(module, plan.steps, slots, produce(plan, tensor, torch_dtype),
+                                       prefix=prefix, where=where)
     return stream_safetensors(path, slots, tensors)
 
 

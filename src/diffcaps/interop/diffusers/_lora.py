@@ -30,15 +30,15 @@ converters fold each ``alpha / rank`` into the weights, and only the ``transform
 are the transformer's (kohya's top-level modules — ``img_in``, ``txt_in``, ``time_in``,
 ``vector_in``, ``guidance_in``, ``final_layer`` — come out without that prefix, and
 diffusers' transformer drops them with a log line). Such a load gives diffusers' result and a
-:class:`ConvertedLoRAWarning` naming what was dropped and :func:`load_lora_weights`, which
+:class:`ConvertedLoRAWarning` naming what was dropped and :func:`~diffcaps.interop.diffusers.load_lora_weights`, which
 hands the file to diffcaps before diffusers converts anything (every module, any width: the
 converters hard-code FLUX.1's 3072 width and block counts). A converted file diffcaps cannot
 load (a BFL control LoRA widening ``x_embedder``, whose norm scales the pipeline loads past
-the transformer) is a :class:`~diffcaps.errors.LoRAError` naming :func:`load_lora_weights`.
+the transformer) is a :class:`~diffcaps.errors.LoRAError` naming :func:`~diffcaps.interop.diffusers.load_lora_weights`.
 Wan's loader converts ``diffusion_model.`` and musubi files with converters that fail on any
 key they leave over, so their output is loaded. Files whose tensor names lack ``lora``
 (``lycoris_`` LoKr names, ``.diff`` patches) are refused by diffusers' own check before
-diffcaps is reached; :func:`load_lora_weights` loads them.
+diffcaps is reached; :func:`~diffcaps.interop.diffusers.load_lora_weights` loads them.
 """
 
 from __future__ import annotations
