@@ -53,5 +53,6 @@ def test_a_diffusers_file_loads_through_six_lora_files(tmp_path: Path) -> None:
     assert len(reading) <= 2, reading
     # nothing else: the refusal of fused QKV projections asks slots.holding, not the attention package
     assert files - _CORE - set(feature) - set(reading) == set()
+    assert len(files) <= 13, sorted(files)  # all of diffcaps: the 6 of the bound, the io reader, the core
     headers = sum(n for name, n in functions.items() if name.startswith("io/") and name.endswith(":read_header"))
     assert headers == 1
