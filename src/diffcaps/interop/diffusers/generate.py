@@ -52,7 +52,7 @@ CACHE_NAMES: tuple[str, ...] = ("first_block", "pab", "taylorseer")
 Attention Broadcast (VALUE: spatial skip range) and TaylorSeer (VALUE: cache interval)."""
 
 _OUTPUTS = (".png", ".gif", ".mp4")
-_MP4_HINT = "writing .mp4 needs imageio with imageio-ffmpeg (pip install imageio imageio-ffmpeg) or opencv-python"
+_MP4_HINT = 'writing .mp4 needs imageio with imageio-ffmpeg (pip install "diffcaps[video]") or opencv-python'
 
 
 @attrs.frozen
