@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.parallel._worker import free_port
+from tests._distributed import free_port
 from tests.readme_fixtures import (
     STAND_IN_FILES,
     STAND_IN_NAMES,

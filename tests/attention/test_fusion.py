@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from diffcaps import attention, cache, casting, lora, offload, parallel
@@ -29,7 +27,7 @@ from diffcaps.offload import GroupOffloadingConfig
 from diffcaps.services import ModuleTypes
 from tests import flux_fixtures, wan_fixtures
 from tests.custom_model import TinyDiT, TinyDiTConfig
-from tests.parallel._worker import add_lora, free_port, lora_file
+from tests.parallel._worker import add_lora, lora_file
 
 Model = FluxTransformer2DModel | WanTransformer3DModel
 
@@ -380,16 +378,6 @@ def test_regional_compile_runs_fused() -> None:
     attention.unfuse_qkv(whole)  # type: ignore[arg-type]  # the wrapper stands for the model inside
     assert not attention.qkv_fused(model)
     torch.testing.assert_close(_run(whole, inputs), expected, atol=1e-6, rtol=0)
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("one_rank")

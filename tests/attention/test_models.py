@@ -3,13 +3,10 @@ shows the row, and LoRA, caches and context parallelism behave as documented."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from diffcaps import attention, cache, parallel
 from diffcaps.attention import BackendName
@@ -19,7 +16,7 @@ from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps.models.wan import WanTransformer3DModel
 from tests import flux_fixtures, wan_fixtures
 from tests.custom_model import TinyDiT, TinyDiTConfig
-from tests.parallel._worker import add_lora, free_port
+from tests.parallel._worker import add_lora
 
 BACKENDS = ("sdpa", "math", "flex", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash", "sage", "xformers")
 CPU_BACKENDS: tuple[BackendName, ...] = ("math", "flex")
@@ -149,16 +146,6 @@ def test_caches_are_unaffected() -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     after = cache.stats(model)
     assert after == before and after.skipped() > 0  # the same steps were skipped
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_context_parallel_refuses_a_backend_without_log_sum_exp() -> None:

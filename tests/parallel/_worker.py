@@ -7,7 +7,6 @@ whether ``disable`` restored the model bit for bit, and the outcome of the error
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -171,14 +170,6 @@ def reference(case: Case) -> Tensor:
     with torch.no_grad():
         out: Tensor = build_model(case)(**case_inputs(case)).sample
     return out
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _mesh(case: Case) -> Any:

@@ -19,8 +19,9 @@ from diffcaps.errors import ParallelError
 from diffcaps.models.flux import FluxTransformer2DModel
 from diffcaps import parallel
 from diffcaps.parallel import ContextParallelConfig, disable
+from tests._distributed import free_port
 from tests.parallel._worker import CACHE_CASES, FOUR_RANKS, TWO_RANKS, Case, build_model, cached_steps, case_inputs, \
-    free_port, reference, run_rank
+    reference, run_rank
 
 TOLERANCE = 1e-5
 SPAWN_DEADLINE = 150.0

@@ -4,13 +4,11 @@ on a one-rank gloo group (hooks, restore, misuse)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,7 +22,7 @@ from diffcaps.parallel.spec import ContextParallelPlan, GatherOutput, SplitAt, S
 from diffcaps.parallel._kernels import attention_with_lse, merge_partials
 from diffcaps.parallel._layout import Layout
 from diffcaps.parallel._service import module_paths
-from tests.parallel._worker import Case, add_lora, build_model, case_inputs, free_port
+from tests.parallel._worker import Case, add_lora, build_model, case_inputs
 
 
 @given(st.integers(0, 500), st.integers(1, 9))
@@ -145,17 +143,7 @@ def test_sharding_hooks_wrap_feature_hooks_whichever_came_first() -> None:
         assert "forward" not in layer.__dict__
 
 
-# --- a one-rank process group in this process ----------------------------------------------
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
+# --- a one-rank process group in this process (the one_rank fixture of tests/conftest.py) ------
 @pytest.mark.usefixtures("one_rank")
 def test_enable_and_disable_on_one_rank_restore_the_model_exactly() -> None:
     case = Case()

@@ -26,7 +26,7 @@ from diffcaps.quantization.spec import packed_linears
 from diffcaps.quantization.spec import ScaledFP8
 from tests.flux_fixtures import flux_inputs
 from tests.lora._files import diffusers_style
-from tests.parallel._worker import free_port
+from tests._distributed import free_port
 from tests.quantization.gguf_files import flux_gguf, mixed_types
 from tests.quantization.test_gguf_load import FLUX, FLUX_TYPES
 from tests.quantization.test_scaled_fp8 import CONFIG, scaled_fp8_state

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from diffcaps.models.wan import WanConfig, WanTransformer3DModel
 from diffcaps.parallel import ContextParallelConfig
 from diffcaps.parallel._api import _inside  # the pattern check, without a model that declares a bad plan
 from diffcaps.parallel.spec import ContextParallelPlan, SplitAt, SplitInput
+from tests._distributed import free_port
 from tests.wan_fixtures import CONFIGS, seeded_model, wan_inputs
 
 TOLERANCE = 1e-5
@@ -127,14 +127,6 @@ def cached_steps(model: WanTransformer3DModel, case: Case, split: Callable[[], o
     hooks = hook_names(model.blocks[0])
     cache.disable(model)
     return {"outputs": outputs, "computed": stats.computed(), "skipped": stats.skipped(), "hooks": hooks}
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _enable(model: WanTransformer3DModel, case: Case) -> None:
@@ -264,17 +256,7 @@ def test_metadata_row() -> None:
                            "split blocks.*:temb@1", "gather norm_out@1", "attention WanSelfAttention")
 
 
-# --- in this process: a one-rank gloo group ---------------------------------------------------
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
+# --- in this process: a one-rank gloo group (the one_rank fixture of tests/conftest.py) -------
 @pytest.mark.usefixtures("one_rank")
 def test_a_split_submodule_called_alone_is_refused_and_disable_restores() -> None:
     case = Case(config="ti2v", per_token=True)
