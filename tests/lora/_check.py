@@ -9,6 +9,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from diffcaps import lora
 from diffcaps.models.flux import FluxConfig, FluxTransformer2DModel
 from tests.lora._files import LoraFile
 
@@ -70,3 +71,18 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(repr((list(state.adapters), state.active, state.weights, state.enabled,
                             list(state.fused), state.hotswap_rank)).encode())
     return digest.hexdigest()
+
+
+def check_fuse_cycles_are_exact(model: Any, *, original: str, cycles: int = 3) -> None:
+    """Fuse changes the model and unfuse restores it bit for bit, ``cycles`` times; then unload
+    after a fuse gives back the model whose :func:`fingerprint` was ``original``."""
+    loaded = fingerprint(model)
+    for _ in range(cycles):
+        lora.fuse(model)
+        assert fingerprint(model) != loaded
+        lora.unfuse(model)
+        assert fingerprint(model) == loaded
+    lora.fuse(model)
+    lora.unload(model)
+    assert fingerprint(model) == original
+    assert not hasattr(model, "peft_config")

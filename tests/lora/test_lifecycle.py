@@ -13,7 +13,7 @@ from diffcaps import lora
 from diffcaps.errors import LoRAError
 from diffcaps.models.flux import FluxTransformer2DModel
 from tests.flux_fixtures import TINY, flux_inputs, seeded_model, seeded_state
-from tests.lora._check import base_weight, fingerprint, merged_state, reference_model
+from tests.lora._check import base_weight, check_fuse_cycles_are_exact, fingerprint, merged_state, reference_model
 from tests.lora._files import module, LoraFile, bfl_control_file, diffusers_style, kohya_style, lokr_file, bfl_modules
 
 
@@ -46,16 +46,7 @@ def test_unfuse_and_unload_are_bit_exact(kind: str, dtype: torch.dtype, tmp_path
         file = bfl_control_file(model, seed=3, in_channels=2 * TINY.in_channels)
     original = fingerprint(model)
     lora.load_adapter(model, file.save(tmp_path / "a.safetensors"), adapter_name="a")
-    loaded = fingerprint(model)
-    for _ in range(3):
-        lora.fuse(model)
-        assert fingerprint(model) != loaded
-        lora.unfuse(model)
-        assert fingerprint(model) == loaded
-    lora.fuse(model)
-    lora.unload(model)
-    assert fingerprint(model) == original
-    assert not hasattr(model, "peft_config")
+    check_fuse_cycles_are_exact(model, original=original)
 
 
 def test_control_lora_widens_and_unload_restores(tmp_path: Path) -> None:

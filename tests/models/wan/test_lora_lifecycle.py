@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from diffcaps import lora
 from diffcaps.io import save_safetensors
 from diffcaps.models.wan import WanConfig, WanTransformer3DModel
-from tests.lora._check import fingerprint
+from tests.lora._check import check_fuse_cycles_are_exact, fingerprint
 from tests.wan_fixtures import DIFFUSERS_TEXT_TOKENS
 from tests.models.wan._files import (
     I2V,
@@ -67,16 +67,7 @@ def test_unfuse_and_unload_are_bit_exact(tmp_path: Path, kind: str, dtype: torch
     original = fingerprint(model)
     lora.load_adapter(model, _save(tmp_path, file, "a.safetensors"), adapter_name="a")
     lora.set_adapters(model, "a", 0.7)
-    loaded = fingerprint(model)
-    for _ in range(3):
-        lora.fuse(model)
-        assert fingerprint(model) != loaded
-        lora.unfuse(model)
-        assert fingerprint(model) == loaded
-    lora.fuse(model)
-    lora.unload(model)
-    assert fingerprint(model) == original
-    assert not hasattr(model, "peft_config")
+    check_fuse_cycles_are_exact(model, original=original)
 
 
 def _diffusers_output(model: WanTransformer3DModel, saved: Path, weight: float, text: int) -> torch.Tensor:
